@@ -85,9 +85,8 @@ class ReadReport:
     def summary(self) -> str:
         """One line: kept / total and the skip counts per reason."""
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-        return (
-            f"{self.source}: kept {self.kept} of {self.total} records"
-            + (f"; skipped {self.num_skipped} ({reasons})" if self.skipped else "")
+        return f"{self.source}: kept {self.kept} of {self.total} records" + (
+            f"; skipped {self.num_skipped} ({reasons})" if self.skipped else ""
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -122,7 +121,7 @@ def check_record(record: Any, required: Sequence[str]) -> str | None:
 
 
 def _fix_hint(reason: str) -> str:
-    if reason.startswith("broken JSON") or reason.startswith("not a JSON object"):
+    if reason.startswith(("broken JSON", "not a JSON object")):
         return "fix: make each line one JSON object, or pass strict=False to skip and count it"
     return "fix: fill in the field, remove the record, or pass strict=False to skip and count it"
 
@@ -475,7 +474,7 @@ def open_source(spec: str | os.PathLike, **kwargs: Any) -> _ValidatedSource:
         if not name or not split:
             raise ValueError(f"{s!r}: write a TFDS source as 'tfds:NAME/SPLIT'")
         return TfdsSource(name, split=split, **kwargs)
-    if s.endswith(".jsonl") or s.endswith(".json"):
+    if s.endswith((".jsonl", ".json")):
         return JsonlSource(s, **kwargs)
     if s.endswith(".parquet"):
         return ParquetSource(s, **kwargs)
@@ -627,7 +626,11 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "math500": _spec("math500/test.jsonl", "problem", "answer", "solution"),
     "minerva_math": _spec("minerva_math/test.jsonl", "problem", _boxed_solution, "solution"),
     "gaokao2023en": _spec(
-        "gaokao2023en/test.jsonl", "question", _strip_dollars("answer"), None, ("question", "answer")
+        "gaokao2023en/test.jsonl",
+        "question",
+        _strip_dollars("answer"),
+        None,
+        ("question", "answer"),
     ),
     "olympiadbench": _spec(
         "olympiadbench/test.jsonl",
@@ -637,14 +640,22 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         ("question", "final_answer"),
     ),
     "college_math": _spec(
-        "college_math/test.jsonl", "question", _strip_dollars("answer"), None, ("question", "answer")
+        "college_math/test.jsonl",
+        "question",
+        _strip_dollars("answer"),
+        None,
+        ("question", "answer"),
     ),
     "aime24": _spec("aime24/test.jsonl", "problem", _strip_dollars("answer"), "solution"),
     "amc23": _spec(
         "amc23/test.jsonl", "question", _strip_dollars("answer"), None, ("question", "answer")
     ),
     "mmlu_stem": _spec(
-        "mmlu_stem/test.jsonl", _mmlu_question, _mmlu_answer, None, ("question", "choices", "answer")
+        "mmlu_stem/test.jsonl",
+        _mmlu_question,
+        _mmlu_answer,
+        None,
+        ("question", "choices", "answer"),
     ),
     "cmath": _spec("cmath/test.jsonl", "question", _strip_dollars("answer")),
     "gaokao2024_mix": _spec(
@@ -660,9 +671,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "asdiv": _spec(
         "asdiv/test.jsonl", _asdiv_question, _asdiv_answer, None, ("body", "question", "answer")
     ),
-    "rm_maj_example": _spec(
-        "eval_rm_maj_example/math_cot_100.jsonl", "question", "gt", "gt_cot"
-    ),
+    "rm_maj_example": _spec("eval_rm_maj_example/math_cot_100.jsonl", "question", "gt", "gt_cot"),
 }
 
 BENCHMARKS_ENV = "QMATH_BENCHMARKS"

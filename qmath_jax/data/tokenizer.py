@@ -21,6 +21,8 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from qmath_jax.data.chat import CHAT_TEMPLATE
+
 # Qwen2 / Qwen2.5 pre-tokenizer regex (from the released tokenizer.json). `\p{N}` alone,
 # not `\p{N}+`, makes every digit its own pre-token, so numbers are tokenized digit by digit.
 QWEN_PRETOKENIZE_REGEX = (
@@ -60,7 +62,7 @@ QWEN_NONSPECIAL_ADDED_TOKENS = (
     "<|file_sep|>",
 )
 
-_SP_CONFIG_NAME = "tokenizer_config.json"
+_CONFIG_NAME = "tokenizer_config.json"
 
 
 class Tokenizer:
@@ -101,11 +103,7 @@ class Tokenizer:
                 f"got {type(backend).__name__}"
             )
         self.source = source
-        if chat_template is None:
-            from qmath_jax.data.chat import CHAT_TEMPLATE
-
-            chat_template = CHAT_TEMPLATE
-        self.chat_template = chat_template
+        self.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
         self._special_ids: frozenset[int] = frozenset()
         self._sp_split_re: re.Pattern[str] | None = None
         if self._sp is not None:
@@ -124,7 +122,8 @@ class Tokenizer:
         """Loads `tokenizer.json`, a sentencepiece `*.model`, or an HF checkpoint directory.
 
         A directory must hold `tokenizer.json` (or `tokenizer.model`); its
-        `tokenizer_config.json`, if present, gives the EOS/pad tokens and chat template.
+        `tokenizer_config.json`, if present, gives the EOS/pad tokens and chat template
+        (`chat_template.jinja`, as transformers 5 writes it, takes precedence).
 
         Args:
             path: file or directory.
@@ -138,10 +137,15 @@ class Tokenizer:
         """
         path = Path(path)
         config: dict[str, Any] = {}
+        chat_template = None
         if path.is_dir():
-            config_path = path / _SP_CONFIG_NAME
+            config_path = path / _CONFIG_NAME
             if config_path.is_file():
                 config = _read_config(config_path)
+                chat_template = _config_chat_template(config.get("chat_template"))
+            jinja_path = path / "chat_template.jinja"  # where transformers 5 writes it
+            if jinja_path.is_file():
+                chat_template = jinja_path.read_text(encoding="utf-8")
             candidates = [path / "tokenizer.json", path / "tokenizer.model"]
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
@@ -167,7 +171,7 @@ class Tokenizer:
             backend,
             eos_token=_token_str(config.get("eos_token")),
             pad_token=_token_str(config.get("pad_token")),
-            chat_template=config.get("chat_template"),
+            chat_template=chat_template,
             source=str(path),
         )
 
@@ -182,9 +186,10 @@ class Tokenizer:
             elif sp.IdToPiece(i) in QWEN_SPECIAL_TOKENS or _is_user_defined(sp, i):
                 user.append(i)
         self._special_ids = frozenset(control + user)
-        # sentencepiece matches user-defined symbols inside text itself, but never control
-        # symbols (<s>, </s>, ...); those are split out here so they encode to one id too.
-        pieces = sorted((sp.IdToPiece(i) for i in control if sp.IdToPiece(i)), key=len)
+        # sentencepiece never matches control symbols (<s>, </s>, ...) in text, and puts its
+        # dummy-prefix piece before a user-defined symbol at the start of a text; so special
+        # pieces are split out here and encoded as one id each, the text between them by sp.
+        pieces = sorted((sp.IdToPiece(i) for i in self._special_ids if sp.IdToPiece(i)), key=len)
         if pieces:
             alternation = "|".join(re.escape(p) for p in reversed(pieces))
             self._sp_split_re = re.compile(f"({alternation})")
@@ -372,7 +377,7 @@ class Tokenizer:
             config["errors"] = "replace"
         else:
             (directory / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
-        (directory / _SP_CONFIG_NAME).write_text(
+        (directory / _CONFIG_NAME).write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         return directory
@@ -396,8 +401,19 @@ def _read_config(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(config).__name__}")
+        # A file whose content is wrong is a value error, whatever Python type it parsed to.
+        found = type(config).__name__
+        raise ValueError(f"{path} must hold a JSON object, found {found}")  # noqa: TRY004
     return config
+
+
+def _config_chat_template(value: Any) -> str | None:
+    # tokenizer_config.json holds the template as a string, or as a list of named
+    # templates ([{"name": "default", "template": ...}, ...]) in some checkpoints.
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
 
 
 def _token_str(value: Any) -> str | None:

@@ -62,7 +62,7 @@ def _after_trigger(text: str, trigger: str) -> str:
     tail = tail.split("\n\n")[0].strip()
     tail = tail.lstrip(":").strip()
     # "The answer is $5$." -> "5": math delimiters around the whole answer.
-    m = re.fullmatch(r"\$+(.*?)\$+\.?", tail, flags=re.S)
+    m = re.fullmatch(r"\$+(.*?)\$+\.?", tail, flags=re.DOTALL)
     if m:
         tail = m.group(1)
     return tail

@@ -1,7 +1,7 @@
 """Normalisation of final answers (LaTeX or plain text) before comparison.
 
 The steps follow the Qwen2.5-Math evaluation's ``strip_string`` in spirit (fraction
-spellings, ``\\left``/``\\right``, units, degrees, percent, ``x=`` prefixes, trailing
+spellings, ``\\left``/``\\right``, units, degrees, percent, trailing
 periods, LaTeX spacing), with two deliberate differences that make it safer:
 unit words are removed only when they follow a number (the reference removes single
 letters such as "a" or "m" anywhere), and commas are removed only where they are
@@ -17,17 +17,124 @@ import re
 MAX_ANSWER_CHARS = 1000
 
 _UNIT_WORDS = frozenset(
-    """
-    unit units square sq cubic cu cm mm km m meter meters metre metres centimeter
-    centimeters millimeter millimeters kilometer kilometers inch inches in ft foot feet
-    yard yards yd mile miles mi mph kmh kph km/h m/s ft/s g kg gram grams kilogram
-    kilograms mg lb lbs pound pounds oz ounce ounces ton tons l liter liters litre
-    litres ml gallon gallons gal quart quarts pint pints cup cups degree degrees deg
-    radian radians rad dollar dollars cent cents euro euros yuan rs rupee rupees
-    second seconds sec s minute minutes min hour hours hr hrs h day days week weeks
-    month months year years yr yrs people persons students apples points ways
-    times percent cents
-    """.split()
+    [
+        "unit",
+        "units",
+        "square",
+        "sq",
+        "cubic",
+        "cu",
+        "cm",
+        "mm",
+        "km",
+        "m",
+        "meter",
+        "meters",
+        "metre",
+        "metres",
+        "centimeter",
+        "centimeters",
+        "millimeter",
+        "millimeters",
+        "kilometer",
+        "kilometers",
+        "inch",
+        "inches",
+        "in",
+        "ft",
+        "foot",
+        "feet",
+        "yard",
+        "yards",
+        "yd",
+        "mile",
+        "miles",
+        "mi",
+        "mph",
+        "kmh",
+        "kph",
+        "km/h",
+        "m/s",
+        "ft/s",
+        "g",
+        "kg",
+        "gram",
+        "grams",
+        "kilogram",
+        "kilograms",
+        "mg",
+        "lb",
+        "lbs",
+        "pound",
+        "pounds",
+        "oz",
+        "ounce",
+        "ounces",
+        "ton",
+        "tons",
+        "l",
+        "liter",
+        "liters",
+        "litre",
+        "litres",
+        "ml",
+        "gallon",
+        "gallons",
+        "gal",
+        "quart",
+        "quarts",
+        "pint",
+        "pints",
+        "cup",
+        "cups",
+        "degree",
+        "degrees",
+        "deg",
+        "radian",
+        "radians",
+        "rad",
+        "dollar",
+        "dollars",
+        "cent",
+        "cents",
+        "euro",
+        "euros",
+        "yuan",
+        "rs",
+        "rupee",
+        "rupees",
+        "second",
+        "seconds",
+        "sec",
+        "s",
+        "minute",
+        "minutes",
+        "min",
+        "hour",
+        "hours",
+        "hr",
+        "hrs",
+        "h",
+        "day",
+        "days",
+        "week",
+        "weeks",
+        "month",
+        "months",
+        "year",
+        "years",
+        "yr",
+        "yrs",
+        "people",
+        "persons",
+        "students",
+        "apples",
+        "points",
+        "ways",
+        "times",
+        "percent",
+        "cents",
+    ]
 )
 
 _WORD_NUMBERS = {
@@ -62,11 +169,16 @@ _WORD_NUMBERS = {
 }
 
 _NUMBER_RE = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
-_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_TRAILING_TEXT_RE = re.compile(r"^(.+?)\s*\\(?:text|mbox|mathrm)\s*\{([^{}]*)\}\s*$")
-_UNIT_TAIL_RE = re.compile(r"^(" + _NUMBER_RE + r"|.*\d\}?)\s*([a-zA-Z][a-zA-Z ./]*(?:\^\{?[23]\}?)?)$")
+_TEXT_CMD_RE = re.compile(
+    r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+)
+_TRAILING_TEXT_RE = re.compile(
+    r"^(.+?)\s*\\(?:text|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?[23]\}?)?\s*$"
+)
+_UNIT_TAIL_RE = re.compile(
+    r"^(" + _NUMBER_RE + r"|.*\d\}?)\s*([a-zA-Z][a-zA-Z ./]*(?:\^\{?[23]\}?)?)$"
+)
 _THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-_SHORT_LHS_RE = re.compile(r"^(?:[a-zA-Z]\w?|\\[a-zA-Z]+|[a-zA-Z]_\{?\w+\}?|[a-zA-Z]\([a-zA-Z]\))$")
 
 
 def words_to_number(text: str) -> str:
@@ -169,7 +281,12 @@ def strip_answer(answer: str, *, strip_units: bool = True) -> str:
     s = s.rstrip(".").rstrip("/").strip()
     # LaTeX spacing commands and thousands-separator spellings.
     s = s.replace("{,}", ",").replace(",\\!", ",").replace("\\!", "")
-    s = re.sub(r"\\[,;: ]", " ", s).replace("~", " ").replace("\\quad", " ").replace("\\qquad", " ")
+    s = (
+        re.sub(r"(?<!\\)\\[,;: ]", " ", s)
+        .replace("~", " ")
+        .replace("\\quad", " ")
+        .replace("\\qquad", " ")
+    )
     s = s.replace("\\displaystyle", "")
     s = re.sub(r"\\begin\{array\}\{[^{}]*\}", r"\\begin{pmatrix}", s)
     s = s.replace("\\end{array}", "\\end{pmatrix}")
@@ -184,6 +301,8 @@ def strip_answer(answer: str, *, strip_units: bool = True) -> str:
     if strip_units:
         s = _remove_units(s)
     s = _TEXT_CMD_RE.sub(r"\1", s)
+    if strip_units:
+        s = _strip_unit_tail(s.strip())
     s = re.sub(r"\s+and\s+", ",", s)
     s = words_to_number(s)
     s = s.replace("\\emptyset", "{}").replace("\\varnothing", "{}")
@@ -195,7 +314,6 @@ def strip_answer(answer: str, *, strip_units: bool = True) -> str:
     s = re.sub(r"(\d)\.(?!\d)", r"\1", s)
     if s.startswith("."):
         s = "0" + s
-    s = _strip_equation_lhs(s)
     s = _fix_sqrt(s)
     s = s.replace(" ", "")
     s = _strip_outer_braces(s)
@@ -218,13 +336,3 @@ def _remove_units(s: str) -> str:
     for _ in range(2):
         s = _strip_unit_tail(s.strip())
     return s.strip()
-
-
-def _strip_equation_lhs(s: str) -> str:
-    """``x=5`` -> ``5``: a short variable name on the left of a single ``=`` is dropped."""
-    if s.count("=") != 1 or "\\le" in s or "\\ge" in s:
-        return s
-    lhs, rhs = s.split("=")
-    if rhs.strip() and _SHORT_LHS_RE.match(lhs.strip()):
-        return rhs.strip()
-    return s

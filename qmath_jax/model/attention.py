@@ -6,8 +6,13 @@ G = H / K query heads per kv head, E head dim.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 NEG_INF = -1e30  # finite, so fully masked rows give zeros, never NaN
 
@@ -52,7 +57,9 @@ def attention_xla(
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
     probs_BKGTS = jnp.where(mask_BTS[:, None, None], probs_BKGTS, 0.0)
     out_BTKGE = jnp.einsum(
-        "BKGTS,BSKE->BTKGE", probs_BKGTS.astype(v_BSKE.dtype), v_BSKE,
+        "BKGTS,BSKE->BTKGE",
+        probs_BKGTS.astype(v_BSKE.dtype),
+        v_BSKE,
         preferred_element_type=jnp.float32,
     )
     return out_BTKGE.reshape(b, t, h, e).astype(q_BTHE.dtype)
@@ -77,7 +84,265 @@ def decode_attention_xla(
     probs_BKGS = jax.nn.softmax(logits_BKGS, axis=-1)
     probs_BKGS = jnp.where(valid_BS[:, None, None], probs_BKGS, 0.0)
     out_BKGE = jnp.einsum(
-        "BKGS,BSKE->BKGE", probs_BKGS.astype(v_cache_BSKE.dtype), v_cache_BSKE,
+        "BKGS,BSKE->BKGE",
+        probs_BKGS.astype(v_cache_BSKE.dtype),
+        v_cache_BSKE,
         preferred_element_type=jnp.float32,
     )
     return out_BKGE.reshape(b, h, e).astype(q_BHE.dtype)
+
+
+# ----------------------------------------------------------------------------- dispatch
+# attend / decode_attend pick an implementation for the platform of the mesh the
+# step is compiled for (never the host's: a CPU host AOT-compiling for a TPU
+# topology must get the TPU kernel), and wrap kernels in shard_map so each device
+# runs them on its local batch rows and heads.
+
+IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
+_BATCH_AXES = ("data", "fsdp")
+_HEAD_AXIS = "tensor"
+
+
+def target_platform(mesh: jax.sharding.Mesh | None) -> str:
+    """'tpu', 'gpu' or 'cpu': the mesh's devices, else JAX's default backend."""
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def resolve_impl(impl: str, platform: str) -> str:
+    """Maps 'auto' to the platform's kernel and rejects impls the platform lacks."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is unknown; choose one of {IMPLS}")
+    if impl == "auto":
+        return {"tpu": "pallas", "gpu": "pallas"}.get(platform, "xla")
+    if impl == "splash" and platform not in ("tpu", "cpu"):
+        raise ValueError(f"impl='splash' is a TPU kernel; the mesh platform is {platform!r}")
+    if impl == "cudnn" and platform != "gpu":
+        raise ValueError(f"impl='cudnn' needs a GPU mesh; the mesh platform is {platform!r}")
+    return impl
+
+
+def attend(
+    q_BTHE: jax.Array,
+    k_BSKE: jax.Array,
+    v_BSKE: jax.Array,
+    segment_ids_BT: jax.Array,
+    *,
+    impl: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    interpret: bool | None = None,
+    causal: bool = True,
+) -> jax.Array:
+    """Causal grouped-query self-attention over packed rows, by the chosen implementation.
+
+    Args:
+      q_BTHE: [B, T, H, E] queries.
+      k_BSKE: [B, T, K, E] keys (S == T).
+      v_BSKE: [B, T, K, E] values.
+      segment_ids_BT: [B, T] int, 0 = padding (zero output, zero gradients).
+      impl: 'xla' (reference), 'pallas' (ours: Mosaic on TPU, Triton on GPU, the
+        Mosaic kernel interpreted on CPU), 'splash' (JAX's TPU splash kernel),
+        'cudnn' (jax.nn.dot_product_attention on GPU), or 'auto' (pallas on TPU
+        and GPU, xla on CPU), chosen by the mesh's platform.
+      mesh: the mesh the step is compiled for, with axes ('data', 'fsdp',
+        'tensor'); kernels then run under shard_map, batch over data/fsdp and
+        heads over tensor. None: call directly.
+      interpret: Pallas interpret mode; default True only when the platform is CPU.
+      causal: causal mask (the decoder always uses True).
+
+    Returns:
+      [B, T, H, E] in q's dtype.
+    """
+    platform = target_platform(mesh)
+    impl = resolve_impl(impl, platform)
+    if interpret is None:
+        interpret = platform == "cpu"
+    fn = _attention_fn(impl, platform, interpret, causal)
+    if mesh is None or impl == "xla":
+        return fn(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+    return _sharded(fn, mesh, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_axis=2)
+
+
+def decode_attend(
+    q_BHE: jax.Array,
+    k_cache_BSKE: jax.Array,
+    v_cache_BSKE: jax.Array,
+    lengths_B: jax.Array,
+    *,
+    impl: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """One new query per row against its first lengths[b] cache slots.
+
+    Args:
+      q_BHE: [B, H, E] queries.
+      k_cache_BSKE: [B, S, K, E] key cache.
+      v_cache_BSKE: [B, S, K, E] value cache.
+      lengths_B: [B] int, valid slots per row.
+      impl: as in `attend`; 'pallas' (and 'auto' on TPU/GPU) runs the decode kernel,
+        'splash' and 'cudnn' have no decode variant and use 'pallas'.
+      mesh: as in `attend`.
+      interpret: as in `attend`.
+
+    Returns:
+      [B, H, E] in q's dtype.
+    """
+    from qmath_jax.model.kernels import decode
+
+    platform = target_platform(mesh)
+    impl = resolve_impl(impl, platform)
+    if interpret is None:
+        interpret = platform == "cpu"
+    if impl == "xla":
+        return decode_attention_xla(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B)
+    kernel = decode.decode_attention_gpu if platform == "gpu" else decode.decode_attention_tpu
+    fn = functools.partial(kernel, interpret=interpret)
+    if mesh is None:
+        return fn(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B)
+    return _sharded(
+        fn, mesh, q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, kv_axis=2, q_head_axis=1
+    )
+
+
+def _attention_fn(impl: str, platform: str, interpret: bool, causal: bool):
+    if impl == "xla":
+        return functools.partial(attention_xla, causal=causal)
+    if impl == "pallas":
+        if platform == "gpu":
+            from qmath_jax.model.kernels import flash_gpu
+
+            return functools.partial(flash_gpu.flash_attention, causal=causal, interpret=interpret)
+        from qmath_jax.model.kernels import flash_tpu
+
+        if interpret:  # small tiles keep the interpreter quick; TPU needs 128-multiples
+            return functools.partial(
+                flash_tpu.flash_attention, causal=causal, interpret=True, block_q=32, block_kv=32
+            )
+        return functools.partial(flash_tpu.flash_attention, causal=causal)
+    if not causal:
+        raise ValueError(f"impl={impl!r} is wired for causal attention only; use 'pallas'")
+    if impl == "splash":
+        return functools.partial(splash_attention, interpret=interpret)
+    return cudnn_attention
+
+
+def _sharded(fn, mesh, q, k, v, rest, *, kv_axis: int, q_head_axis: int = 2):
+    """Runs fn under shard_map: batch over data/fsdp, heads over tensor.
+
+    Batch rows that do not divide over the batch axes (a small decode batch) are
+    replicated. Kv heads follow the q heads over 'tensor' when K divides; when
+    fewer kv heads than shards, each shard keeps all kv heads and slices out the
+    one its q heads use (needs H / tensor to divide G).
+    """
+    axes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    batch = tuple(a for a in _BATCH_AXES if axes.get(a, 1) > 1)
+    if q.shape[0] % math.prod(axes[a] for a in batch):
+        batch = ()
+    b_spec = batch or None
+    tp = axes.get(_HEAD_AXIS, 1)
+    h, kh = q.shape[q_head_axis], k.shape[kv_axis]
+    if h % tp:
+        raise ValueError(f"{h} query heads do not divide over mesh axis 'tensor' of size {tp}")
+    local_h = h // tp
+    g = h // kh
+
+    def spec(ndim, head_axis, head_name):
+        parts = [None] * ndim
+        parts[0] = b_spec
+        if head_axis is not None:
+            parts[head_axis] = head_name
+        return P(*parts)
+
+    head_name = _HEAD_AXIS if tp > 1 else None
+    q_spec = spec(q.ndim, q_head_axis, head_name)
+    rest_spec = spec(rest.ndim, None, None)
+    if tp == 1 or kh % tp == 0:
+        kv_spec, local_fn = spec(k.ndim, kv_axis, head_name), fn
+    elif g % local_h == 0:
+        kv_spec = spec(k.ndim, None, None)
+
+        def local_fn(q_l, k_l, v_l, rest_l):
+            kv_head = jax.lax.axis_index(_HEAD_AXIS) * local_h // g
+            pick = functools.partial(
+                jax.lax.dynamic_slice_in_dim, start_index=kv_head, slice_size=1, axis=kv_axis
+            )
+            return fn(q_l, pick(k_l), pick(v_l), rest_l)
+    else:
+        raise ValueError(
+            f"{kh} kv heads cannot follow {h} query heads over 'tensor'={tp}: need K % {tp} == 0 "
+            f"or G={g} a multiple of H/tensor={local_h}; change the mesh's tensor size"
+        )
+    specs = (q_spec, kv_spec, kv_spec, rest_spec)
+    args = (q, k, v, rest)
+    if jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types", ())):
+        # Explicit-axis meshes type shardings: move inputs onto the kernel's layout.
+        args = tuple(jax.reshard(x, NamedSharding(mesh, s)) for x, s in zip(args, specs))
+    return jax.shard_map(local_fn, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
+        *args
+    )
+
+
+def splash_attention(
+    q_BTHE: jax.Array,
+    k_BSKE: jax.Array,
+    v_BSKE: jax.Array,
+    segment_ids_BT: jax.Array,
+    *,
+    interpret: bool = False,
+    block: int = 512,
+) -> jax.Array:
+    """JAX's TPU splash attention (causal, segment ids, native GQA) in our contract.
+
+    Pads T to the block size (padding rows are segment 0), scales q by E**-0.5
+    (splash does not scale) and zeroes the rows of segment 0, which splash lets
+    attend to each other.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    from qmath_jax.model.kernels import pad_axis, round_up
+
+    t, h, e = q_BTHE.shape[1:]
+    blk = min(block, round_up(t, 128))
+    tp = round_up(t, blk)
+    q = pad_axis(jnp.swapaxes(q_BTHE * jnp.asarray(e**-0.5, q_BTHE.dtype), 1, 2), 2, tp)
+    k = pad_axis(jnp.swapaxes(k_BSKE, 1, 2), 2, tp)
+    v = pad_axis(jnp.swapaxes(v_BSKE, 1, 2), 2, tp)
+    seg = pad_axis(segment_ids_BT.astype(jnp.int32), 1, tp)
+    sizes = sa.BlockSizes(
+        block_q=blk,
+        block_kv=blk,
+        block_kv_compute=blk,
+        block_q_dkv=blk,
+        block_kv_dkv=blk,
+        block_kv_dkv_compute=blk,
+        block_q_dq=blk,
+        block_kv_dq=blk,
+    )
+    mask = sa.MultiHeadMask([sa.CausalMask((tp, tp))] * h)
+    kernel = sa.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    out_BHTE = jax.vmap(kernel)(q, k, v, sa.SegmentIds(q=seg, kv=seg))
+    out = jnp.swapaxes(out_BHTE[:, :, :t], 1, 2)
+    return jnp.where((segment_ids_BT != 0)[:, :, None, None], out, 0).astype(q_BTHE.dtype)
+
+
+def cudnn_attention(
+    q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, segment_ids_BT: jax.Array
+) -> jax.Array:
+    """jax.nn.dot_product_attention with cuDNN: causal plus a [B, 1, T, S] segment mask.
+
+    The segment mask is materialised (cuDNN has no segment ids on this API), so
+    memory grows with T**2; rows of segment 0 are zeroed afterwards.
+    """
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    out = jax.nn.dot_product_attention(
+        q_BTHE,
+        k_BSKE,
+        v_BSKE,
+        mask=same_BTS[:, None],
+        is_causal=True,
+        implementation="cudnn",
+    )
+    return jnp.where((segment_ids_BT != 0)[:, :, None, None], out, 0).astype(q_BTHE.dtype)

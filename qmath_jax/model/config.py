@@ -31,6 +31,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "full"
+    scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls fully (small models)
     attention_impl: str = "auto"
     init_std: float = 0.02
 

@@ -181,6 +181,7 @@ def _scanned_layers(cfg: ModelConfig, mesh) -> nn.Module:
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=cfg.num_layers,
+        unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(cfg, mesh, name="layers")

@@ -1,0 +1,46 @@
+"""Shared pieces of the benchmarks: timing, the matmul peak, model FLOPs, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Best wall time of `fn()` (which must block until its work is done) over repeats."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> float:
+    """FLOP/s of one large jitted square matmul: the machine's practical peak for XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    seconds = best_time(lambda: mm(a, b).block_until_ready(), repeats=5)
+    return 2 * n**3 / seconds
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 x matmul params + attention (full square)."""
+    d, f, L = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers
+    qkvo = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    matmul_params = L * (qkvo + 3 * d * f) + d * cfg.vocab_size
+    attention = L * 2 * 2 * seq_len * cfg.num_heads * cfg.head_dim  # QK^T and PV
+    return 3 * (2 * matmul_params + attention)
