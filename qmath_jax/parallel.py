@@ -86,8 +86,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
-    """A mesh from a config's `mesh` section (data, fsdp, tensor and optional dcn_*)."""
+    """A mesh from a config's `mesh` section (data, fsdp, tensor, optional dcn_* and
+    num_devices: use only the first N devices, 0 = all)."""
     get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d: getattr(mesh_cfg, k, d)
+    if devices is None and get("num_devices", 0):
+        devices = jax.devices()[: get("num_devices", 0)]
     return make_mesh(get("data", -1), get("fsdp", 1), get("tensor", 1), get("dcn_data", 1),
                      get("dcn_fsdp", 1), get("dcn_tensor", 1), devices=devices)
 

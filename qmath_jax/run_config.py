@@ -66,7 +66,8 @@ def base(stage: str) -> ml_collections.ConfigDict:
         "keep_checkpoints": 2,
     }
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1,
-              "dcn_tensor": 1}
+              "dcn_tensor": 1, "num_devices": 0}
+    c.rm = {"group_size": 6, "eval_source": ""}
     # The TPU topology a config is sized for (documentation and --compile_only default).
     c.topology = ""
     return c

@@ -163,10 +163,12 @@ def make_trainer(cfg, workdir: str, model: Transformer, loss_fn, the_mesh, stage
     )
 
 
-def train(cfg, workdir: str, model_cfg: ModelConfig, make_loss, dataset, stage: str):
+def train(cfg, workdir: str, model_cfg: ModelConfig, make_loss, dataset, stage: str,
+          initial=None):
     """Resumes from the workdir's newest checkpoint or starts from cfg.init; then fits.
 
-    `make_loss(model) -> loss_fn` builds the stage's loss around the model on the mesh.
+    `make_loss(model) -> loss_fn` builds the stage's loss around the model on the mesh;
+    `initial` (params) overrides cfg.init for a fresh start.
     """
     the_mesh = mesh(cfg)
     parallel.check_batch(cfg.train.batch_size, the_mesh)
@@ -175,7 +177,9 @@ def train(cfg, workdir: str, model_cfg: ModelConfig, make_loss, dataset, stage: 
     batches = iter(dataset)
     state, data_state = trainer.restore_latest()
     if state is None:
-        state = trainer.init_state(initial_params(cfg, model_cfg, trainer.state_shardings.params))
+        if initial is None:
+            initial = initial_params(cfg, model_cfg, trainer.state_shardings.params)
+        state = trainer.init_state(initial)
     else:
         batches.set_state(data_state)
         print(f"[{stage}] resumed from step {int(state.step)} in {workdir}")

@@ -152,6 +152,69 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
     return new_state, metrics
 
 
+def boxed_state(params_fn, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh TrainState around `params_fn()`; params keep their logical-axis boxes."""
+    params = params_fn()
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(mesh, init_params_fn, optimizer: optax.GradientTransformation,
+                    seed: int = 0):
+    """The NamedSharding pytree of the TrainState on `mesh` (shapes only, nothing built)."""
+    abstract = jax.eval_shape(lambda: boxed_state(init_params_fn, optimizer, seed))
+    return parallel.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+
+
+def abstract_state(init_params_fn, optimizer: optax.GradientTransformation, seed: int,
+                   shardings) -> TrainState:
+    """ShapeDtypeStructs of the TrainState carrying `shardings` (restore and AOT targets)."""
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: boxed_state(init_params_fn, optimizer,
+                                                                seed)))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltStep:
+    """The jitted step of one run on one mesh and the state layout it runs on.
+
+    Attributes:
+      step: jitted `(state, batch) -> (state, metrics)`, state donated; call (or
+        `.lower`) it under `with mesh, parallel.axis_rules()`.
+      state_shardings: NamedSharding pytree of the TrainState.
+      abstract_state: ShapeDtypeStructs of the TrainState with those shardings.
+      optimizer: the optax transformation the step applies.
+      schedule: its learning-rate schedule.
+    """
+
+    step: Callable
+    state_shardings: Any
+    abstract_state: Any
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def build_step(mesh, init_params_fn, loss_fn: LossFn, optim: OptimConfig, *, seed: int = 0,
+               grad_accum: int = 1) -> BuiltStep:
+    """The train step jitted for `mesh`, touching no device, file or checkpoint.
+
+    `Trainer` runs what this returns; `qmath_jax.compile_only` lowers it for a TPU
+    topology. The batch keeps the sharding it arrives with (`parallel.shard_batch`).
+    """
+    optimizer, schedule = make_optimizer(optim), make_schedule(optim)
+    shardings = state_shardings(mesh, init_params_fn, optimizer, seed)
+    step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer,
+                             schedule=schedule, grad_accum=grad_accum)
+    jitted = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None),
+                     donate_argnums=0)
+    return BuiltStep(step=jitted, state_shardings=shardings,
+                     abstract_state=abstract_state(init_params_fn, optimizer, seed, shardings),
+                     optimizer=optimizer, schedule=schedule)
+
+
 class Preempted(Exception):
     """Raised after the checkpoint of a SIGTERM'd (preempted) run is written."""
 
@@ -187,15 +250,13 @@ class Trainer:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh, self.nonfinite, self.stage = mesh, nonfinite, stage
-        self.optimizer, self.schedule = make_optimizer(optim), make_schedule(optim)
         self.seed, self.run_config = seed, run_config or {}
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._init_params_fn = init_params_fn
-        self.state_shardings = self._state_shardings()
-        step = functools.partial(train_step, loss_fn=loss_fn, optimizer=self.optimizer,
-                                 schedule=self.schedule, grad_accum=grad_accum)
-        self._step = jax.jit(step, in_shardings=(self.state_shardings, None),
-                             out_shardings=(self.state_shardings, None), donate_argnums=0)
+        built = build_step(mesh, init_params_fn, loss_fn, optim, seed=seed,
+                           grad_accum=grad_accum)
+        self.optimizer, self.schedule = built.optimizer, built.schedule
+        self.state_shardings, self._step = built.state_shardings, built.step
         if model_config is not None:
             params_ckpt.write_model_config(self.workdir, model_config)
         self.manager = ocp.CheckpointManager(
@@ -215,15 +276,7 @@ class Trainer:
     # -- state -------------------------------------------------------------------------
 
     def _boxed_state(self, params_fn):
-        params = params_fn()
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.optimizer.init(params),
-                          rng=jax.random.key_data(jax.random.key(self.seed)),
-                          nonfinite_steps=jnp.zeros((), jnp.int32))
-
-    def _state_shardings(self):
-        abstract = jax.eval_shape(lambda: self._boxed_state(self._init_params_fn))
-        return parallel.logical_to_sharding(nn.get_partition_spec(abstract), self.mesh)
+        return boxed_state(params_fn, self.optimizer, self.seed)
 
     def init_state(self, params=None) -> TrainState:
         """A fresh state; `params` (already loaded, e.g. from HF) replaces the random init."""
@@ -238,9 +291,8 @@ class Trainer:
             return init_rest(params)
 
     def abstract_state(self):
-        abstract = nn.meta.unbox(jax.eval_shape(lambda: self._boxed_state(self._init_params_fn)))
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, self.state_shardings)
+        return abstract_state(self._init_params_fn, self.optimizer, self.seed,
+                              self.state_shardings)
 
     # -- checkpoints -------------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""Reward model: the SFT model with the Qwen2.5-Math-RM head, listwise ranking loss.
+
+Data: JSONL (or any source) records {"question", "responses": [6 str], "labels": [6 0/1]}
+as the synth stage's RM variant writes them; groups all correct or all wrong are dropped
+and counted. The score of a response is the RM head at its last token.
+
+init.checkpoint / init.hf_dir name the SFT model: its trunk is copied, the head starts
+random. Held-out metrics (pair accuracy, how often the top-scored answer is correct) are
+computed on data.eval_source when given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qmath_jax.data import pipelines, sources
+from qmath_jax.model import Transformer, init_params
+from qmath_jax.stages import common
+from qmath_jax.train import checkpoint as params_ckpt
+from qmath_jax.train.rl_losses import listwise_rm_loss
+
+TRUNK = ("embedding", "layers", "final_norm")
+
+
+def scores_at_last_token(model: Transformer, params, batch) -> jax.Array:
+    """RM scores [B, G] read at each response's last token."""
+    b, g, t = batch["tokens"].shape
+    flat = {k: batch[k].reshape(b * g, t) for k in ("tokens", "positions", "segment_ids")}
+    scores_NT = model.apply({"params": params}, flat["tokens"], flat["positions"],
+                            flat["segment_ids"])
+    last_N = batch["last_index"].reshape(b * g)
+    return jnp.take_along_axis(scores_NT, last_N[:, None], axis=1)[:, 0].reshape(b, g)
+
+
+def rm_loss(model: Transformer):
+    def loss_fn(params, batch, rng):
+        return listwise_rm_loss(scores_at_last_token(model, params, batch), batch["labels"])
+
+    return loss_fn
+
+
+def dataset(cfg, tok, source_spec: str, *, shuffle=True, num_epochs=None):
+    src = sources.open_source(source_spec, required=("question", "responses", "labels"))
+    return pipelines.rm_dataset(
+        src, tok, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+        group_size=cfg.rm.group_size, seed=cfg.seed, shuffle=shuffle, num_epochs=num_epochs,
+        too_long=cfg.data.too_long or "drop", num_threads=cfg.data.num_threads,
+    )
+
+
+def rm_params_from_lm(lm_params, rm_cfg, seed: int = 0):
+    """RM params: the LM's trunk, a freshly initialised score head."""
+    fresh = init_params(rm_cfg, jax.random.key(seed))
+    return {**fresh, **{k: lm_params[k] for k in TRUNK}}
+
+
+def evaluate(model, params, batches) -> dict:
+    """Pair accuracy and top-1 correctness over held-out groups."""
+    score = jax.jit(lambda p, b: scores_at_last_token(model, p, b))
+    totals = {"weight": 0.0, "pair_accuracy": 0.0, "top_correct": 0.0, "loss": 0.0}
+    for batch in batches:
+        s = score(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        loss, aux = listwise_rm_loss(s, jnp.asarray(batch["labels"]))
+        for k in ("weight", "pair_accuracy", "top_correct"):
+            totals[k] += float(aux[k])
+        totals["loss"] += float(loss)
+    n = max(totals.pop("weight"), 1.0)
+    return {k: v / n for k, v in totals.items()} | {"groups": n}
+
+
+def run(cfg, workdir: str):
+    tok = common.tokenizer(cfg, workdir)
+    model_cfg = common.model_config(cfg, vocab_size=tok.vocab_size, head="rm")
+    lm_cfg = model_cfg.replace(head="lm")
+    if not cfg.data.sources or cfg.data.sources == "synthetic":
+        raise ValueError("rm: set data.sources to a JSONL of {question, responses, labels} "
+                         "(the synth stage's RM output: --config.synth.write=rm)")
+    ds = dataset(cfg, tok, cfg.data.sources)
+    init = cfg.init
+    cfg_no_init = cfg.copy_and_resolve_references()
+    with cfg_no_init.unlocked():
+        cfg_no_init.init.hf_dir = cfg_no_init.init.checkpoint = ""
+    start = _trunk_from_lm(init, lm_cfg, model_cfg, cfg.seed)
+    state = common.train(cfg_no_init, workdir, model_cfg, rm_loss, ds, "rm",
+                         initial=start)
+    if cfg.rm.eval_source:
+        model = Transformer(model_cfg)
+        held_out = dataset(cfg, tok, cfg.rm.eval_source, shuffle=False, num_epochs=1)
+        report = evaluate(model, state.params, iter(held_out))
+        with open(os.path.join(workdir, "rm_eval.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"[rm] held-out: {json.dumps(report)}")
+    return state
+
+
+def _trunk_from_lm(init, lm_cfg, rm_cfg, seed):
+    if init.checkpoint:
+        loaded_cfg, lm_params = params_ckpt.load_params(init.checkpoint)
+    elif init.hf_dir:
+        from qmath_jax import hf
+
+        loaded_cfg, lm_params = hf.load(init.hf_dir, dtype=lm_cfg.dtype)
+    else:
+        return None
+    if loaded_cfg.head == "rm":
+        return lm_params
+    return rm_params_from_lm(lm_params, rm_cfg, seed)
+
+
+def to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)

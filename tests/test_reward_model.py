@@ -1,0 +1,48 @@
+"""The RM stage end to end on small synthetic groups, and trunk transfer from an LM."""
+
+import json
+
+import jax
+import numpy as np
+
+from qmath_jax.data.synthetic import SyntheticMath
+from qmath_jax.model import get_preset, init_params
+from qmath_jax.run_config import base
+from qmath_jax.stages import reward_model
+
+
+def _groups(path, n, split, seed=0):
+    corpus = SyntheticMath(seed=seed, split=split, kinds=["add", "sub"])
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            p = corpus[i]
+            labels = rng.permutation([1, 1, 0, 0, 0, 0]).tolist()
+            wrong = p["cot"].replace(f"\\boxed{{{p['answer']}}}", "\\boxed{wrong}")
+            responses = [p["cot"] if y else wrong for y in labels]
+            f.write(json.dumps({"question": p["question"], "responses": responses,
+                                "labels": labels}) + "\n")
+
+
+def test_rm_stage_learns_to_rank_and_reports_held_out_metrics(tmp_path):
+    train, held = tmp_path / "rm_train.jsonl", tmp_path / "rm_test.jsonl"
+    _groups(train, 64, "train")
+    _groups(held, 16, "test")
+    cfg = base("rm")
+    cfg.data.sources = str(train)
+    cfg.mesh.num_devices = 1  # one of the 8 simulated devices: no split for a tiny model
+    cfg.rm.eval_source = str(held)
+    cfg.train.update(steps=30, batch_size=4, seq_len=384, lr=2e-3, warmup_steps=3,
+                     checkpoint_every_steps=0)
+    reward_model.run(cfg, str(tmp_path / "run"))
+    report = json.loads((tmp_path / "run" / "rm_eval.json").read_text())
+    assert report["groups"] == 16
+    assert report["pair_accuracy"] > 0.9, report
+
+
+def test_rm_params_take_the_lm_trunk_and_a_new_head():
+    lm_cfg = get_preset("tiny")
+    lm = init_params(lm_cfg, jax.random.key(1))
+    rm = reward_model.rm_params_from_lm(lm, lm_cfg.replace(head="rm"))
+    assert set(rm) == {"embedding", "layers", "final_norm", "score"}
+    np.testing.assert_array_equal(rm["embedding"], lm["embedding"])
