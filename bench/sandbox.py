@@ -30,7 +30,7 @@ PLAIN = [
 SYMPY = [
     "import sympy as sp\nx = sp.Symbol('x')\nprint(sp.solve(x**2 - {k}*x + 6, x))",
     "import sympy as sp\nprint(sp.factorint({k} * 360))",
-    "import sympy as sp\nx = sp.Symbol('x')\nprint(sp.integrate(x**{k} % 5 + 1, (x, 0, 1)))",
+    "import sympy as sp\nx = sp.Symbol('x')\nprint(sp.integrate(x**{k} + 1, (x, 0, 1)))",
 ]
 
 
@@ -47,7 +47,7 @@ def expected_outputs(codes: list[str]) -> list[str]:
     for code in codes:
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            exec(code, {})
+            exec(code, {})  # noqa: S102 - the benchmark's own fixed snippets
         outs.append(buf.getvalue())
     return outs
 

@@ -39,37 +39,53 @@ class MeshError(ValueError):
 
 
 def _resolve(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
+    """Fills the one -1 of (data, fsdp, tensor) so the sizes multiply to `total`."""
     sizes = list(sizes)
-    if sizes.count(-1) > 1:
-        raise MeshError(f"{what}: at most one axis may be -1 (the rest), got {sizes}")
+    named = dict(zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"{what} axis sizes {named}: each must be a positive size, with at most "
+                        f"one -1 (the rest); e.g. {suggest_mesh(total, sizes)}")
     known = math.prod(s for s in sizes if s != -1)
-    if known <= 0 or total % known:
+    if total % known or (-1 not in sizes and known != total):
         raise MeshError(
-            f"{what} axis sizes {dict(zip(MESH_AXES, sizes))} do not divide {total} devices; "
-            f"choose sizes whose product divides {total} (e.g. data=-1, fsdp={_divisors(total)})")
+            f"{what} axis sizes {named} multiply to {known}, which "
+            f"{'does not divide' if total % known else 'is not'} the {total} devices; "
+            f"sizes that fit: {suggest_mesh(total, sizes)} (set one axis to -1 to take the rest)")
     if -1 in sizes:
         sizes[sizes.index(-1)] = total // known
-    if math.prod(sizes) != total:
-        raise MeshError(
-            f"{what} axis sizes {dict(zip(MESH_AXES, sizes))} multiply to {math.prod(sizes)}, "
-            f"not the {total} devices; set one axis to -1 to take the rest")
     return tuple(sizes)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def suggest_mesh(total: int, sizes: Sequence[int] = (-1, 1, 1)) -> str:
+    """A (data, fsdp, tensor) for `total` devices close to `sizes`: keeps tensor, then fsdp,
+    when they divide, and gives the rest to data."""
+    tensor = sizes[2] if len(sizes) > 2 and sizes[2] > 0 and total % sizes[2] == 0 else 1
+    rest = total // tensor
+    fsdp = sizes[1] if len(sizes) > 1 and sizes[1] > 0 and rest % sizes[1] == 0 else rest
+    return f"data={rest // fsdp}, fsdp={fsdp}, tensor={tensor}"
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
               dcn_fsdp: int = 1, dcn_tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; -1 takes the remaining devices.
 
-    The `dcn_*` sizes split the mesh across slices of a multi-slice pod (data-parallel
-    across slices is the usual choice); the others are sizes within one slice.
+    The `dcn_*` sizes split the mesh across the slices of a multi-slice pod (data-parallel
+    across slices is the usual choice: only gradients cross the slower network); the
+    others are sizes within one slice. Each mesh axis is then dcn_x * x long.
+
+    Raises:
+      MeshError: sizes that do not fit the devices, naming sizes that would.
     """
     devices = list(devices if devices is not None else jax.devices())
     dcn = (dcn_data, dcn_fsdp, dcn_tensor)
+    if any(d < 1 for d in dcn):
+        raise MeshError(f"dcn sizes {dict(zip(MESH_AXES, dcn))} must be >= 1")
     num_slices = math.prod(dcn)
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if num_slices > 1 and len(slices) != num_slices:
+        raise MeshError(
+            f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} ask for {num_slices} slices but the "
+            f"devices form {len(slices)}; set dcn_data={len(slices)} (dcn_fsdp=dcn_tensor=1)")
     if len(devices) % num_slices:
         raise MeshError(f"dcn sizes {dcn} need a multiple of {num_slices} devices, "
                         f"have {len(devices)}")
@@ -139,31 +155,60 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
 
 
 def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch rows split: data x fsdp."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> None:
-    """Refuses a global batch that the data axes cannot split evenly."""
-    dp = data_parallel_size(mesh)
-    if global_batch % dp:
-        fits = [b for b in range(dp, 4 * dp + 1, dp)]
-        raise MeshError(
-            f"global batch {global_batch} does not divide over data x fsdp = {dp} devices "
-            f"(mesh {dict(mesh.shape)}); use a multiple of {dp}, e.g. {fits[:3]}")
-    if global_batch % jax.process_count():
-        raise MeshError(f"global batch {global_batch} does not split over "
-                        f"{jax.process_count()} hosts")
+def num_hosts(mesh: Mesh) -> int:
+    """The processes (hosts) that own the mesh's devices."""
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def check_batch(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
+    """Refuses a global batch that the data axes, the hosts or the micro-batches cannot split.
+
+    Each of the `grad_accum` micro-batches must still give every data x fsdp shard the
+    same number of rows, and every host feeds an equal share of rows.
+
+    Raises:
+      MeshError: naming the sizes that would fit.
+    """
+    dp, hosts = data_parallel_size(mesh), num_hosts(mesh)
+    if grad_accum < 1 or global_batch < 1:
+        raise MeshError(f"batch size {global_batch} and grad_accum {grad_accum} must be >= 1")
+    unit = math.lcm(dp * grad_accum, hosts)
+    if global_batch % unit == 0:
+        return
+    fits = [unit * k for k in range(1, 4)]
+    why = []
+    if global_batch % grad_accum:
+        why.append(f"does not split into grad_accum={grad_accum} micro-batches")
+    elif (global_batch // grad_accum) % dp:
+        why.append(f"gives micro-batches of {global_batch // grad_accum} rows, which do not "
+                   f"divide over data x fsdp = {dp} devices (mesh {dict(mesh.shape)})")
+    if global_batch % hosts:
+        why.append(f"does not split over the {hosts} hosts")
+    raise MeshError(f"global batch {global_batch} {' and '.join(why)}; use a multiple of "
+                    f"{unit}, e.g. {fits}, or change grad_accum / the mesh")
 
 
 def host_rows(global_batch: int) -> slice:
-    """The rows of the global batch this host reads (hosts feed disjoint rows)."""
-    per_host = global_batch // jax.process_count()
+    """The rows of the global batch this host reads (hosts feed disjoint, equal rows)."""
+    hosts = jax.process_count()
+    if global_batch % hosts:
+        raise MeshError(f"global batch {global_batch} does not split over {hosts} hosts; "
+                        f"use a multiple of {hosts}")
+    per_host = global_batch // hosts
     start = jax.process_index() * per_host
     return slice(start, start + per_host)
 
 
 def shard_batch(local_batch, mesh: Mesh):
-    """Host-local numpy rows -> global jax Arrays sharded over data x fsdp."""
+    """Host-local numpy rows -> global jax Arrays sharded over data x fsdp.
+
+    Every host passes only its own rows (`host_rows`); the global array, hosts' rows
+    stacked in process order, is assembled without any host holding all of it.
+    """
 
     def put(x):
         x = np.asarray(x)
@@ -173,19 +218,21 @@ def shard_batch(local_batch, mesh: Mesh):
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def initialize_distributed() -> None:
     """Starts multi-host JAX when the environment says this is one host of many.
 
-    TPU VM pods: detected from the TPU runtime's environment, arguments auto-discovered.
-    GPU clusters: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID,
-    or SLURM / Open MPI variables, which `jax.distributed.initialize` reads itself.
-    A single host does nothing.
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+    TPU pods (GKE, multi-slice): TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES listing
+    several hosts, or MEGASCALE_COORDINATOR_ADDRESS; GPU clusters: SLURM or Open MPI with
+    more than one task. JAX's cluster detection then fills in the arguments. A single
+    host, or a process already initialised, does nothing.
     """
     env = os.environ
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+    if jax.distributed.is_initialized():
         return
     if "JAX_COORDINATOR_ADDRESS" in env:
         jax.distributed.initialize(
@@ -193,9 +240,13 @@ def initialize_distributed() -> None:
             num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
             process_id=int(env.get("JAX_PROCESS_ID", "0")),
         )
-    elif "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize()
-    elif "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-    elif int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return
+    tpu_hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES", "")
+    many = (
+        "," in tpu_hosts
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env
+        or ("SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1)
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if many:  # JAX's cluster detection reads the rest from the same environment
         jax.distributed.initialize()

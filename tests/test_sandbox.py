@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import threading
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import sympy
 
-import qmath_jax.sandbox as sandbox
+from qmath_jax import sandbox
 from qmath_jax.sandbox import SandboxPool
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,7 +69,9 @@ def test_sympy_solve_matches_sympy_here(pool):
 
 
 def test_fractions_and_prints(pool):
-    r = pool.run("from fractions import Fraction\nprint(Fraction(1, 3) + Fraction(1, 6))\nprint('ok')")
+    r = pool.run(
+        "from fractions import Fraction\nprint(Fraction(1, 3) + Fraction(1, 6))\nprint('ok')"
+    )
     assert r.stdout == f"{Fraction(1, 3) + Fraction(1, 6)}\nok\n"
 
 
@@ -90,7 +91,9 @@ def test_errors_report_the_last_traceback_line(pool):
 
 
 def test_numpy_and_math_available(pool):
-    r = pool.run("import numpy as np, math\nprint(round(float(np.linalg.det(np.array([[1, 2], [3, 4]]))), 6), math.isqrt(99))")
+    r = pool.run(
+        "import numpy as np, math\nprint(round(float(np.linalg.det(np.array([[1, 2], [3, 4]]))), 6), math.isqrt(99))"
+    )
     assert r.stdout == "-2.0 9\n"
 
 
@@ -228,7 +231,11 @@ def test_huge_output_is_capped(pool):
 
 def _probe_paths() -> list[Path]:
     """World-writable host directories outside the sandbox's private /tmp."""
-    return [Path(d) / f"qmath_probe_{secrets.token_hex(4)}" for d in ("/var/tmp", "/dev/shm") if os.path.isdir(d)]
+    return [
+        Path(d) / f"qmath_probe_{secrets.token_hex(4)}"
+        for d in ("/var/tmp", "/dev/shm")
+        if os.path.isdir(d)
+    ]
 
 
 def test_writes_outside_scratch_do_not_land(pool, raw, tmp_path):
@@ -270,8 +277,8 @@ def test_network_is_unreachable(pool, raw):
     thread = threading.Thread(target=accept_loop, daemon=True)
     thread.start()
     code = (
-        "import socket\ns = socket.create_connection(('127.0.0.1', %d), timeout=2)\n"
-        "s.sendall(b'leak')\nprint('connected')" % port
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        "s.sendall(b'leak')\nprint('connected')"
     )
     try:
         r = pool.run(code)
@@ -293,7 +300,9 @@ def test_network_is_unreachable(pool, raw):
 def test_signalling_parent_and_test_process(pool, raw):
     me = os.getpid()
     for p in (pool, raw):
-        r = p.run(f"import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill({me}, signal.SIGKILL)")
+        r = p.run(
+            f"import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill({me}, signal.SIGKILL)"
+        )
         assert not r.ok
     assert pool.run(f"import os\nos.kill({me}, 9)").violation
     r = raw.run(f"import os\nos.kill({me}, 9)")
@@ -304,16 +313,23 @@ def test_signalling_parent_and_test_process(pool, raw):
 
 def test_os_exit(pool):
     r = pool.run("import os\nprint('before', flush=True)\nos._exit(3)")
-    assert r.stdout == "before\n" and r.error == "ProcessExit: the code ended the process with status 3"
+    assert (
+        r.stdout == "before\n"
+        and r.error == "ProcessExit: the code ended the process with status 3"
+    )
     assert pool.run("print(3)").stdout == "3\n"
 
 
 def test_shell_is_refused_or_jailed(pool, raw):
-    r = pool.run("import subprocess\nprint(subprocess.run(['sh', '-c', 'echo hi'], capture_output=True).stdout)")
+    r = pool.run(
+        "import subprocess\nprint(subprocess.run(['sh', '-c', 'echo hi'], capture_output=True).stdout)"
+    )
     assert r.violation and "starting a process" in r.violation_reason
     assert pool.run("import os\nos.system('echo hi')").violation
     if ROOT:
-        r = raw.run("import subprocess\nprint(subprocess.run(['id', '-u'], capture_output=True, text=True).stdout.strip())")
+        r = raw.run(
+            "import subprocess\nprint(subprocess.run(['id', '-u'], capture_output=True, text=True).stdout.strip())"
+        )
         assert r.stdout == "65534\n", r
 
 
@@ -359,3 +375,17 @@ print('spawned')
 def test_parent_unharmed_after_everything(pool):
     os.kill(os.getpid(), 0)
     assert pool.run("print(sum(range(10)))").stdout == "45\n"
+
+
+def test_fallback_without_namespaces():
+    # Hosts that refuse namespaces still get rlimits, the uid drop, the audit hook and a
+    # private scratch directory that is removed afterwards.
+    with SandboxPool(1, namespaces=False) as p:
+        assert not p.isolation["netns"] and not p.isolation["pidns"]
+        r = p.run(
+            "import os, sympy\nopen('f.txt', 'w').write('x')\nprint(os.getcwd(), sympy.sqrt(8))"
+        )
+        scratch, value = r.stdout.split()
+        assert value == "2*sqrt(2)" and not os.path.exists(scratch)
+        assert p.run("open('/etc/qmath_escape', 'w')").violation
+        assert p.run("while True:\n    pass", timeout_s=1.0).timed_out

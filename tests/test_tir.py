@@ -213,7 +213,10 @@ def test_executions_run_in_parallel(pool):
 def test_bad_generate_fn_is_reported(pool):
     with pytest.raises(ValueError, match="exactly one per prompt"):
         run_tir(lambda p, n, s: [], TOK, [_prompt("Q")], max_new_tokens=10, pool=pool)
-    bad = lambda p, n, s: [FakeCompletion([65], [0.0], "done")]  # noqa: E731
+
+    def bad(prompts, max_new_tokens, stop):
+        return [FakeCompletion([65], [0.0], "done")]
+
     with pytest.raises(ValueError, match="unknown Completion.stop_reason"):
         run_tir(bad, TOK, [_prompt("Q")], max_new_tokens=10, pool=pool)
     with pytest.raises(ValueError, match="max_new_tokens"):

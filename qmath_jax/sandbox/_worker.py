@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import ctypes
 import fcntl
 import io
@@ -197,11 +198,10 @@ class Zygote:
 
         loaded = []
         for name in self.cfg["preload"]:
-            try:
+            # A missing optional library is reported (absent from "preloaded"), not fatal.
+            with contextlib.suppress(Exception):
                 importlib.import_module(name)
                 loaded.append(name)
-            except Exception:  # noqa: BLE001 - a missing optional library is reported, not fatal
-                pass
         self.iso["preloaded"] = loaded
         _reseed()  # the first numpy seeding is slow (lazy set-up); pay it once, here
         if self.cfg.get("warmup"):
@@ -209,7 +209,7 @@ class Zygote:
             stdout = sys.stdout
             sys.stdout = io.StringIO()
             try:
-                exec(compile(self.cfg["warmup"], "<warmup>", "exec"), g)
+                exec(compile(self.cfg["warmup"], "<warmup>", "exec"), g)  # noqa: S102 - our own code
             except Exception as exc:  # noqa: BLE001
                 self.iso["warmup_error"] = repr(exc)
             finally:
@@ -218,8 +218,14 @@ class Zygote:
     def seal(self) -> None:
         """Enters network/mount/IPC/UTS namespaces and makes the file system read-only."""
         iso = self.iso
-        iso.update(netns=False, mountns=False, pidns=False, readonly=None, uid=None)
+        iso.update(netns=False, mountns=False, pidns=False, readonly=None)
+        iso["uid"] = self.cfg["uid"] if iso["root"] else None
         if not iso["root"] or not self.cfg["namespaces"]:
+            if iso["uid"] is not None:
+                # Without a mount namespace, import directories the sandbox user cannot enter
+                # stay unreachable: only preloaded modules will import. Report them.
+                keep = [p for p in sys.path if p and os.path.isdir(p)]
+                iso["unreadable_import_paths"] = [p for p in keep if _untraversable_ancestor(p)]
             return
         for flag, key in ((CLONE_NEWNET, "netns"), (CLONE_NEWNS, "mountns")):
             try:
@@ -245,7 +251,6 @@ class Zygote:
             iso["pidns"] = True
         except OSError as exc:
             iso["pidns_error"] = str(exc)
-        iso["uid"] = self.cfg["uid"]
 
     # ---- serving --------------------------------------------------------------------------
 
@@ -423,11 +428,9 @@ def _child(z: Zygote, req: dict, out_w: int, res_w: int, base_as: int) -> None:
         scratch = _jail(z, req, base_as)
         status = _run_cells(req, scratch, z.cfg["audit"])
     except BaseException:  # noqa: BLE001 - nothing may escape back into the zygote's loop
-        try:
+        with contextlib.suppress(BaseException):
             msg = traceback.format_exc().rstrip().split("\n")[-1]
             os.write(res_fd, json.dumps({"error": f"SandboxSetupError: {msg}"}).encode())
-        except BaseException:  # noqa: BLE001
-            pass
     finally:
         os._exit(status)
 
@@ -474,7 +477,7 @@ def _jail(z: Zygote, req: dict, base_as: int) -> str:
 
 
 def _set_limits(cfg: dict, req: dict, base_as: int) -> None:
-    cpu = int(math.ceil(req["timeout_s"])) + 1
+    cpu = math.ceil(req["timeout_s"]) + 1
     limits = {
         resource.RLIMIT_CPU: (cpu, cpu + 1),
         resource.RLIMIT_AS: base_as + req["memory_mb"] * 2**20,
@@ -580,7 +583,7 @@ def _exec_cell(code: str, g: dict, echo_last: bool) -> None:
     last = None
     if echo_last and tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
-    exec(compile(tree, "<cell>", "exec"), g)
+    exec(compile(tree, "<cell>", "exec"), g)  # noqa: S102 - running it is the point
     if last is not None:
         value = eval(compile(last, "<cell>", "eval"), g)
         if value is not None:
@@ -611,10 +614,9 @@ def _run_cells(req: dict, scratch: str, audit: bool) -> int:
         saved = os.dup(1)
         os.dup2(0, 1)  # fd 0 is /dev/null: earlier cells' output is not shown again
         for cell in req["previous_cells"]:
-            try:
+            # It succeeded before; a failure now (e.g. randomness) does not stop the new cell.
+            with contextlib.suppress(BaseException):
                 _exec_cell(cell, g, echo_last=False)
-            except BaseException:  # noqa: BLE001 - it succeeded before; keep going as Qwen does
-                pass
         os.dup2(saved, 1)
         os.close(saved)
     error, memory = "", False
@@ -622,10 +624,8 @@ def _run_cells(req: dict, scratch: str, audit: bool) -> int:
         _exec_cell(req["code"], g, echo_last=True)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
         error, memory = _last_line(exc), isinstance(exc, MemoryError)
-    try:
+    with contextlib.suppress(BaseException):  # the code may have closed or replaced it
         sys.stdout.flush()
-    except BaseException:  # noqa: BLE001
-        pass
     record = {"error": error, "memory": memory, "violation": violations[0] if violations else ""}
     os.write(3, json.dumps(record).encode())
     return 0

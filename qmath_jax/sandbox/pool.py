@@ -24,6 +24,10 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _WORKER_PATH = Path(__file__).with_name("_worker.py")
 
@@ -130,7 +134,7 @@ class _Worker:
     """One warm worker interpreter, spoken to over its stdin/stdout pipes."""
 
     def __init__(self, cfg_json: str) -> None:
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker
         self.proc = subprocess.Popen(
             [sys.executable, "-I", str(_WORKER_PATH), cfg_json],
             stdin=subprocess.PIPE,
@@ -161,7 +165,7 @@ class _Worker:
         body = json.dumps(msg).encode()
         try:
             os.write(self.proc.stdin.fileno(), struct.pack(">I", len(body)) + body)
-        except (BrokenPipeError, OSError):
+        except (OSError, ValueError):  # ValueError: the pipe was closed by kill()
             return None
         return self._recv(deadline)
 
@@ -333,18 +337,27 @@ class SandboxPool:
             raise SandboxError("this SandboxPool is closed; create a new one")
         req = self._request(code, timeout_s, memory_mb, previous_cells)
         worker = self._idle.get()
+        t0 = time.monotonic()
         try:
-            reply = worker.request(req, time.monotonic() + req["timeout_s"] + _REPLY_GRACE_S)
+            reply = worker.request(req, t0 + req["timeout_s"] + _REPLY_GRACE_S)
             if reply is None or "stdout" not in reply:
+                # The worker itself is stuck or died (never the snippet's doing: snippets run
+                # in its children). Replace it and report the execution as failed.
                 worker = self._replace(worker)
+                elapsed = time.monotonic() - t0
+                stuck = elapsed >= req["timeout_s"]
                 return SandboxResult(
                     stdout="",
-                    error="TimeoutError: the sandbox worker stopped answering and was replaced",
-                    timed_out=True,
+                    error=(
+                        "TimeoutError: the sandbox worker stopped answering and was replaced"
+                        if stuck
+                        else "ProcessCrash: the sandbox worker died and was replaced"
+                    ),
+                    timed_out=stuck,
                     memory_exceeded=False,
                     violation=False,
                     violation_reason="",
-                    duration_s=req["timeout_s"] + _REPLY_GRACE_S,
+                    duration_s=elapsed,
                 )
             return _result_from_reply(reply)
         finally:
@@ -414,7 +427,7 @@ class SandboxPool:
         for w in self._all:
             w.close()
 
-    def __enter__(self) -> SandboxPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,141 @@
+"""Generated tokens/s of our sampler against HF transformers `generate`, same weights.
+
+  python bench/generate.py [--batches 16,64] [--new_tokens 256] [--repeats 2]
+
+The bench preset in float32, random 32-token prompts, greedy, exactly `new_tokens` new
+tokens per row on both sides (no stop tokens for us; min_new_tokens for HF). Both run on
+the same CPU in the same process. Prints JSON lines: the KV cache memory per token
+(theoretical 2 * L * K * E * bytes against what the compiled program holds), one line
+per side and batch, and last {"ours", "peer", "ratio"} at the largest batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qmath_jax import hf  # noqa: E402
+from qmath_jax.model import get_preset, init_params  # noqa: E402
+from qmath_jax.sampling import generate, kv_cache_bytes_per_token, sampler  # noqa: E402
+
+PROMPT_LEN = 32
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of fn() over `repeats` runs after one warm-up (compilation)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def ours(cfg, params, prompts, new_tokens: int):
+    def run():
+        out = generate(cfg, params, prompts, new_tokens)
+        assert all(len(c.tokens) == new_tokens for c in out)
+
+    return run
+
+
+def peer(model, prompts, new_tokens: int):
+    import torch
+
+    ids = torch.tensor(np.asarray(prompts), dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+            )  # fmt: skip
+        assert out.shape == (len(prompts), PROMPT_LEN + new_tokens)
+
+    return run
+
+
+def cache_memory(cfg, params, batch: int, new_tokens: int) -> dict:
+    """Theoretical KV bytes per token against the compiled program's cache buffers."""
+    buf_len = sampler._bucket(new_tokens)
+    cache_len = sampler._bucket(PROMPT_LEN) + buf_len
+    theory = kv_cache_bytes_per_token(cfg)
+    from qmath_jax.model.transformer import init_cache
+
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
+    allocated = cache["k"].size * cache["k"].dtype.itemsize * 2
+    used_tokens = batch * (PROMPT_LEN + new_tokens)
+    st = sampler._Static(cfg=cfg, mesh=None, n=1, buf_len=buf_len, cache_len=cache_len,
+                         cache_dtype=cfg.dtype, greedy=True, top_k=0, use_top_p=False)
+    rows = {"prompt": np.arange(batch, dtype=np.int32), "sample": np.zeros(batch, np.int32),
+            "valid": np.ones(batch, bool)}
+    stops = (jnp.array([-1], jnp.int32), jnp.zeros((0, 1), jnp.int32), jnp.zeros((0,), jnp.int32))
+    compiled = sampler._generate_chunk.lower(
+        params, np.zeros((batch, PROMPT_LEN), np.int32), np.full(batch, PROMPT_LEN, np.int32),
+        rows, np.int32(new_tokens), jax.random.key(0), np.float32(1), np.float32(1), stops, st=st,
+    ).compile()  # fmt: skip
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    return {
+        "metric": "kv_cache_memory",
+        "batch": batch,
+        "theoretical_bytes_per_token": theory,
+        "cache_slots": batch * cache_len,
+        "allocated_bytes_per_slot": allocated / (batch * cache_len),
+        "allocated_bytes_per_used_token": allocated / used_tokens,
+        "program_temp_bytes": temp,
+        "program_temp_bytes_per_slot": temp / (batch * cache_len),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="16,64")
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    import torch
+    import transformers
+
+    cfg = get_preset("bench", dtype="float32")
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    common.emit(**cache_memory(cfg, params, batches[-1], args.new_tokens))
+    with tempfile.TemporaryDirectory() as hf_dir:
+        hf.save(cfg, params, hf_dir)
+        model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa")
+        model.eval()
+        model.generation_config.eos_token_id = None
+        results = {}
+        for batch in batches:
+            prompts = rng.integers(0, cfg.vocab_size, (batch, PROMPT_LEN)).tolist()
+            tokens = batch * args.new_tokens
+            for side, fn in (("ours", ours(cfg, params, prompts, args.new_tokens)),
+                             ("peer", peer(model, prompts, args.new_tokens))):
+                seconds = timed(fn, args.repeats)
+                results[(side, batch)] = tokens / seconds
+                common.emit(side=side, batch=batch, new_tokens=args.new_tokens,
+                            seconds=seconds, tokens_per_s=tokens / seconds,
+                            torch_threads=torch.get_num_threads())
+    last = batches[-1]
+    common.emit(ours=results[("ours", last)], peer=results[("peer", last)],
+                ratio=results[("ours", last)] / results[("peer", last)],
+                batch=last, unit="generated tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,686 @@
+"""Batched generation with a KV cache: one prefill, then an on-device decode loop.
+
+`generate` pads prompts into a few bucketed shapes, prefills each distinct prompt once,
+repeats its cache rows for the `n` samples, and runs the whole decode loop as one jitted
+`jax.lax.while_loop` that stops when every row has finished. Rows finish on a stop token
+id, on a stop string (matched on device as token-id patterns, checked again on the host),
+or on the token budget. Nothing returns to the host until the loop ends.
+
+Log-probabilities. `Completion.logprobs[i]` is `log_softmax(logits)[tokens[i]]` of the
+model's raw float32 logits at that step: the policy's log-probability at temperature 1,
+whatever temperature / top-k / top-p the token was drawn with (the quantity GRPO's
+importance ratio needs, and what a training forward pass over the same tokens computes).
+
+Stop strings. Each stop string becomes a set of token-id patterns: the tokens covering it
+in the encodings of `pre + s + post` for a few one-character contexts (BPE may merge a
+stop string's first or last characters with its neighbours). A row stops on device as
+soon as its last generated tokens equal a pattern. The model may still spell a stop
+string with other tokens, so after decoding, the host cuts every completion at the
+shortest token prefix whose text contains any stop string (if that is earlier than where
+the row stopped, or the row did not stop on a string); such a completion reports
+"stop_string" too. Only generated text is searched, never the prompt.
+
+Legend: B decode rows (prompts x samples), P prefill rows, T prompt length, S cache
+length, N new-token buffer, V vocab, D model, Q stop patterns, M longest pattern,
+K kept candidates (top-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STOP_REASONS = ("eos", "stop_string", "length")
+_EOS, _STRING, _LENGTH = 1, 2, 3  # device codes of STOP_REASONS; 0 = not stopped
+_PAD_TOKEN = -1  # fills finished rows' buffer slots; never a real id
+_NO_TOKEN = -2  # initial "recent tokens" entry; matches no pattern slot
+# One-character neighbours tried around each stop string when building its patterns.
+_CONTEXTS = ("", " ", "\n", "x", "1", ".", "`", "(")
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated continuation.
+
+    Attributes:
+      tokens: Generated token ids (prompt excluded). Ends with the stop token when the row
+        stopped on a stop token id, or with the token that completes the stop string.
+      logprobs: Per token, log_softmax of the model's raw logits (temperature 1) at it.
+      stop_reason: "eos" (a stop token id), "stop_string" or "length".
+      prompt_index: Index of the prompt in the `prompts` argument.
+      sample_index: Which of the `n` samples of that prompt (0..n-1).
+      text: `tokenizer.decode(tokens)` when a tokenizer was given, else None.
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+    prompt_index: int
+    sample_index: int = 0
+    text: str | None = None
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_logits(
+    logits_BV: jax.Array,
+    keys_B: jax.Array,
+    temperature: float | jax.Array,
+    top_p: float | jax.Array = 1.0,
+    *,
+    greedy: bool = False,
+    top_k: int = 0,
+    use_top_p: bool = True,
+) -> jax.Array:
+    """Draws one token per row from temperature-scaled, top-k then top-p truncated logits.
+
+    The order is HF's: divide by the temperature, keep the `top_k` largest, then keep the
+    smallest prefix (by descending probability, renormalised after top-k) whose mass
+    reaches `top_p` (a token is kept when the mass before it is < top_p). Draws use the
+    Gumbel-max trick with each row's own key.
+
+    Args:
+      logits_BV: [B, V] float logits.
+      keys_B: [B] PRNG keys, one per row.
+      temperature: > 0 (ignored when greedy).
+      top_p: in (0, 1]; applied when `use_top_p`.
+      greedy: argmax instead of sampling (static).
+      top_k: keep the k largest logits; 0 = all (static).
+      use_top_p: whether to apply top_p at all (static; False skips the sort).
+
+    Returns:
+      [B] int32 token ids.
+    """
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    scaled_BV = logits_BV.astype(jnp.float32) / temperature
+    vocab = scaled_BV.shape[-1]
+    index_BK = None
+    if 0 < top_k < vocab:
+        vals_BK, index_BK = jax.lax.top_k(scaled_BV, top_k)
+    elif use_top_p:
+        index_BK = jnp.argsort(-scaled_BV, axis=-1)
+        vals_BK = jnp.take_along_axis(scaled_BV, index_BK, axis=-1)
+    else:
+        vals_BK = scaled_BV
+    if use_top_p:
+        probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+        mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+        vals_BK = jnp.where(mass_before_BK < top_p, vals_BK, -jnp.inf)
+    width = vals_BK.shape[-1]
+    gumbel_BK = jax.vmap(lambda k: jax.random.gumbel(k, (width,), jnp.float32))(keys_B)
+    choice_B = jnp.argmax(vals_BK + gumbel_BK, axis=-1)
+    if index_BK is not None:
+        choice_B = jnp.take_along_axis(index_BK, choice_B[:, None], axis=-1)[:, 0]
+    return choice_B.astype(jnp.int32)
+
+
+def sample_tokens(
+    logits_BV: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> jax.Array:
+    """`sample_logits` with plain settings: temperature 0 means greedy; one key for all rows.
+
+    Args:
+      logits_BV: [B, V] logits.
+      key: a PRNG key; row b uses fold_in(key, b).
+      temperature: >= 0.
+      top_p: in (0, 1].
+      top_k: >= 0 (0 = no top-k).
+
+    Returns:
+      [B] int32 token ids.
+    """
+    _check_sampling(temperature, top_p, top_k)
+    keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BV.shape[0]))
+    return sample_logits(
+        logits_BV, keys_B, max(temperature, 1e-30), top_p,
+        greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0,
+    )  # fmt: skip
+
+
+def token_logprobs(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
+    """[B] log_softmax(logits)[token]: the policy log-probability at temperature 1."""
+    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- model steps
+
+
+def _model(cfg, mesh):
+    from qmath_jax.model.transformer import Transformer
+
+    return Transformer(cfg, mesh)
+
+
+def lm_head_logits(cfg, params: dict, hidden_BD: jax.Array) -> jax.Array:
+    """Float32 logits of final-norm hidden states, as the model's LM head computes them."""
+    dtype = jnp.dtype(cfg.dtype)
+    head_DV = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum(
+        "BD,DV->BV", hidden_BD.astype(dtype), head_DV.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+
+
+def prefill(
+    cfg,
+    params: dict,
+    tokens_PT: jax.Array,
+    lengths_P: jax.Array,
+    cache: dict,
+    mesh=None,
+) -> tuple[jax.Array, dict]:
+    """Fills an empty cache with right-padded prompts; returns the next-token logits.
+
+    Only each row's last real position goes through the LM head (the model's full
+    [P, T, V] logits are unused, so XLA drops them under jit).
+
+    Args:
+      cfg: the ModelConfig.
+      params: model params.
+      tokens_PT: [P, T] prompt ids, right-padded.
+      lengths_P: [P] real tokens per row (>= 1).
+      cache: an empty cache from `init_cache` with S >= T.
+      mesh: the mesh the model is compiled for, or None.
+
+    Returns:
+      ([P, V] float32 logits after each prompt, the filled cache with end = lengths).
+    """
+    t = tokens_PT.shape[1]
+    segments_PT = (jnp.arange(t)[None, :] < lengths_P[:, None]).astype(jnp.int32)
+    positions_PT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_PT.shape)
+    (_, hidden_PTD), cache = _model(cfg, mesh).apply(
+        {"params": params}, tokens_PT * segments_PT, positions_PT, segments_PT,
+        cache=cache, return_hidden=True,
+    )  # fmt: skip
+    last_PD = jnp.take_along_axis(hidden_PTD, (lengths_P - 1)[:, None, None], axis=1)[:, 0]
+    return lm_head_logits(cfg, params, last_PD), cache
+
+
+def decode_step(cfg, params: dict, tokens_B: jax.Array, cache: dict, mesh=None):
+    """Appends one token per row at cache["end"] and returns ([B, V] logits, cache)."""
+    positions_B1 = cache["end"][:, None]
+    logits_B1V, cache = _model(cfg, mesh).apply(
+        {"params": params}, tokens_B[:, None], positions_B1, jnp.ones_like(positions_B1),
+        cache=cache,
+    )  # fmt: skip
+    return logits_B1V[:, 0], cache
+
+
+# ----------------------------------------------------------------------------- the jitted loop
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program (one compile per distinct value)."""
+
+    cfg: Any
+    mesh: Any
+    n: int  # decode rows per prefill row
+    buf_len: int  # N, the new-token buffer
+    cache_len: int  # S
+    cache_dtype: str
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+
+
+def _constrain_cache(cache: dict, mesh) -> dict:
+    if mesh is None:
+        return cache
+    from qmath_jax import parallel
+    from qmath_jax.model.transformer import CACHE_AXES
+
+    shardings = parallel.logical_to_sharding(
+        {k: jax.sharding.PartitionSpec(*v) for k, v in CACHE_AXES.items()}, mesh
+    )
+    return {k: jax.lax.with_sharding_constraint(cache[k], shardings[k]) for k in cache}
+
+
+def _stop_checks(tok_B, recent_BM, ngen_B, stop_ids, patterns_QM, pattern_len_Q):
+    """(is a stop token id, ends a stop pattern), each [B] bool."""
+    is_eos_B = jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+    if patterns_QM.shape[0] == 0:
+        return is_eos_B, jnp.zeros_like(is_eos_B)
+    slot_hit_BQM = (recent_BM[:, None, :] == patterns_QM[None]) | (patterns_QM[None] < 0)
+    hit_BQ = jnp.all(slot_hit_BQM, axis=-1) & (ngen_B[:, None] >= pattern_len_Q[None, :])
+    return is_eos_B, jnp.any(hit_BQ, axis=-1)
+
+
+def _record(state: dict, tok_B, logp_B, step, max_new, stops) -> dict:
+    """Writes step's token for the unfinished rows and marks the rows that finish."""
+    active_B = ~state["done"]
+    out_tok = jax.lax.dynamic_update_slice(
+        state["tokens"], jnp.where(active_B, tok_B, _PAD_TOKEN)[:, None], (0, step)
+    )
+    out_lp = jax.lax.dynamic_update_slice(
+        state["logprobs"], jnp.where(active_B, logp_B, 0.0)[:, None], (0, step)
+    )
+    ngen_B = state["ngen"] + active_B.astype(jnp.int32)
+    shifted_BM = jnp.concatenate([state["recent"][:, 1:], tok_B[:, None]], axis=1)
+    recent_BM = jnp.where(active_B[:, None], shifted_BM, state["recent"])
+    is_eos_B, is_str_B = _stop_checks(tok_B, recent_BM, ngen_B, *stops)
+    is_eos_B &= active_B
+    is_str_B &= active_B & ~is_eos_B
+    is_len_B = active_B & ~is_eos_B & ~is_str_B & (step + 1 >= max_new)
+    reason_B = jnp.select(
+        [is_eos_B, is_str_B, is_len_B], [_EOS, _STRING, _LENGTH], state["reason"]
+    ).astype(jnp.int32)
+    return {
+        **state,
+        "tokens": out_tok,
+        "logprobs": out_lp,
+        "ngen": ngen_B,
+        "recent": recent_BM,
+        "reason": reason_B,
+        "done": state["done"] | is_eos_B | is_str_B | is_len_B,
+        "last": tok_B,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def _generate_chunk(params, tokens_PT, lengths_P, rows, max_new, key, temperature, top_p,
+                    stops, *, st: _Static):  # fmt: skip
+    """Prefill P rows, repeat each n times, decode until all B = P * n rows finish."""
+    from qmath_jax.model.transformer import init_cache
+
+    cfg, mesh = st.cfg, st.mesh
+    p = tokens_PT.shape[0]
+    cache = _constrain_cache(init_cache(cfg, p, st.cache_len, st.cache_dtype), mesh)
+    logits_PV, cache = prefill(cfg, params, tokens_PT, lengths_P, cache, mesh)
+    # The n samples of a prompt share its prefill: repeat the filled cache rows.
+    cache = {"k": jnp.repeat(cache["k"], st.n, axis=1), "v": jnp.repeat(cache["v"], st.n, axis=1),
+             "end": jnp.repeat(cache["end"], st.n, axis=0)}  # fmt: skip
+    cache = _constrain_cache(cache, mesh)
+    logits_BV = jnp.repeat(logits_PV, st.n, axis=0)
+    b = logits_BV.shape[0]
+    # Row keys depend on (prompt, sample) only, so batching and padding never change draws.
+    keys_B = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
+        rows["prompt"], rows["sample"]
+    )
+    pattern_width = stops[1].shape[1]
+
+    def draw(logits_BV, step):
+        step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+        tok_B = sample_logits(
+            logits_BV, step_keys_B, temperature, top_p,
+            greedy=st.greedy, top_k=st.top_k, use_top_p=st.use_top_p,
+        )  # fmt: skip
+        return tok_B, token_logprobs(logits_BV, tok_B)
+
+    state = {
+        "tokens": jnp.full((b, st.buf_len), _PAD_TOKEN, jnp.int32),
+        "logprobs": jnp.zeros((b, st.buf_len), jnp.float32),
+        "ngen": jnp.zeros((b,), jnp.int32),
+        "recent": jnp.full((b, pattern_width), _NO_TOKEN, jnp.int32),
+        "reason": jnp.zeros((b,), jnp.int32),
+        "done": ~rows["valid"],
+        "last": jnp.zeros((b,), jnp.int32),
+    }
+    tok_B, logp_B = draw(logits_BV, 0)
+    state = _record(state, tok_B, logp_B, 0, max_new, stops)
+
+    def cond(carry):
+        step, state, _ = carry
+        return (step < max_new) & ~jnp.all(state["done"])
+
+    def body(carry):
+        step, state, cache = carry
+        logits_BV, cache = decode_step(cfg, params, state["last"], cache, mesh)
+        tok_B, logp_B = draw(logits_BV, step)
+        return step + 1, _record(state, tok_B, logp_B, step, max_new, stops), cache
+
+    _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache))
+    return state["tokens"], state["logprobs"], state["ngen"], state["reason"]
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+
+def stop_string_patterns(tokenizer, stop_string: str) -> list[tuple[int, ...]]:
+    """Token-id sequences whose decoded text contains `stop_string`, for on-device matching.
+
+    For each one-character context `pre` and `post` (including none), encodes
+    `pre + stop_string + post` and keeps the shortest run of tokens that covers the stop
+    string: it ends at the first token at which the text contains the string, and starts
+    at the last token from which the text still contains it. Every pattern decodes to a
+    text containing the stop string, so a match is never a false stop.
+
+    Args:
+      tokenizer: has `encode(text)` and `decode(ids)`.
+      stop_string: a non-empty string.
+
+    Returns:
+      Distinct patterns, the canonical encoding's first.
+    """
+    if not isinstance(stop_string, str) or not stop_string:
+        raise ValueError(f"stop strings must be non-empty str, got {stop_string!r}")
+    patterns: list[tuple[int, ...]] = []
+    for pre, post in itertools.product(_CONTEXTS, _CONTEXTS):
+        ids = list(tokenizer.encode(pre + stop_string + post))
+        end = _first_prefix_containing(tokenizer, ids, (stop_string,))
+        if end is None:  # the tokenizer does not round-trip this text
+            continue
+        start = end - 1
+        while stop_string not in tokenizer.decode(ids[start:end]):
+            start -= 1
+        pattern = tuple(ids[start:end])
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return patterns
+
+
+def _first_prefix_containing(tokenizer, ids: Sequence[int], strings: Sequence[str]):
+    """Smallest k with some string in decode(ids[:k]), or None (monotone: bisection)."""
+
+    def has(k):
+        text = tokenizer.decode(ids[:k])
+        return any(s in text for s in strings)
+
+    if not ids or not has(len(ids)):
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _pattern_arrays(tokenizer, stop_strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[Q, M] right-aligned patterns (-1 = any token on the left) and [Q] lengths."""
+    patterns = [p for s in stop_strings for p in stop_string_patterns(tokenizer, s)]
+    width = max((len(p) for p in patterns), default=1)
+    table = np.full((len(patterns), width), -1, np.int32)
+    for q, pat in enumerate(patterns):
+        table[q, width - len(pat) :] = pat
+    return table, np.array([len(p) for p in patterns], np.int32)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _bucket(x: int, minimum: int = 16) -> int:
+    """Powers of two up to 1024, then multiples of 512: few shapes, bounded padding."""
+    x = max(x, minimum)
+    if x <= 1024:
+        return 1 << (x - 1).bit_length()
+    return -(-x // 512) * 512
+
+
+def _batch_bucket(x: int, multiple: int) -> int:
+    pow2 = 1 << max(x - 1, 0).bit_length()
+    return -(-pow2 // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shardings(cfg, mesh):
+    from qmath_jax import parallel
+    from qmath_jax.model.transformer import param_axes
+
+    return parallel.logical_to_sharding(param_axes(cfg), mesh)
+
+
+def _check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+
+
+def _check_inputs(cfg, prompts, max_new_tokens, n, stop_token_ids, stop_strings, tokenizer,
+                  max_batch) -> list[list[int]]:  # fmt: skip
+    if cfg.head != "lm":
+        raise ValueError(f"generate needs a language-model head; this config has head={cfg.head!r}")
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (samples per prompt) must be a positive int, got {n!r}")
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to encode and verify them; pass tokenizer=")
+    for t in stop_token_ids:
+        if not 0 <= int(t) < cfg.vocab_size:
+            raise ValueError(f"stop token id {t} is outside the vocabulary [0, {cfg.vocab_size})")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompts[{i}] has ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size}); "
+                "the tokenizer and the model config disagree"
+            )
+        out.append(ids)
+    return out
+
+
+def _units(num_prompts: int, n: int, max_batch: int | None):
+    """(prompt, first sample, count) prefill units with `rows` = decode rows per unit."""
+    rows = n if max_batch is None else min(n, max_batch)
+    units = [(p, s, min(rows, n - s)) for p in range(num_prompts) for s in range(0, n, rows)]
+    per_chunk = len(units) if max_batch is None else max(1, max_batch // rows)
+    return rows, [units[i : i + per_chunk] for i in range(0, len(units), per_chunk)]
+
+
+def generate(
+    model_cfg,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    n: int = 1,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    key: jax.Array | None = None,
+    mesh=None,
+    max_batch: int | None = None,
+    cache_dtype: str | None = None,
+) -> list[Completion]:
+    """Generates `n` continuations of every prompt.
+
+    Args:
+      model_cfg: the ModelConfig (an "lm" head).
+      params: model params (placed on `mesh` by their logical axes when a mesh is given).
+      prompts: token ids of each prompt (non-empty).
+      max_new_tokens: most tokens generated per continuation.
+      temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+      top_p: nucleus truncation in (0, 1] (1 = off), after top-k.
+      top_k: keep the k most likely tokens (0 = off).
+      n: samples per prompt; they share the prompt's prefill.
+      stop_token_ids: ids that end a continuation (kept as its last token; "eos").
+      stop_strings: strings that end a continuation (see the module docstring).
+      tokenizer: needed for stop_strings; also fills `Completion.text`.
+      key: PRNG key; sample j of prompt i at step t uses fold_in(fold_in(fold_in(key, i),
+        j), t), so results depend on the key only, not on batching. Default key(0).
+      mesh: a ('data', 'fsdp', 'tensor') mesh: batch rows over data x fsdp, kv heads over
+        tensor (cache and activations sharded like the model).
+      max_batch: most decode rows per compiled call (prompts are processed in chunks).
+      cache_dtype: KV cache dtype; default the model's compute dtype.
+
+    Returns:
+      len(prompts) * n Completions, prompt-major (prompt 0's n samples first).
+    """
+    stop_token_ids = tuple(int(t) for t in stop_token_ids)
+    stop_strings = tuple(stop_strings)
+    _check_sampling(temperature, top_p, top_k)
+    prompts = _check_inputs(model_cfg, prompts, max_new_tokens, n, stop_token_ids,
+                            stop_strings, tokenizer, max_batch)  # fmt: skip
+    if key is None:
+        key = jax.random.key(0)
+    multiple = 1
+    if mesh is not None:
+        from qmath_jax import parallel
+
+        multiple = parallel.data_parallel_size(mesh)
+        params = jax.device_put(params, _param_shardings(model_cfg, mesh))
+    patterns_QM, pattern_len_Q = (
+        _pattern_arrays(tokenizer, stop_strings) if stop_strings else
+        (np.zeros((0, 1), np.int32), np.zeros((0,), np.int32))
+    )  # fmt: skip
+    stop_ids = np.array(stop_token_ids or (-1,), np.int32)  # -1 never matches a token
+    stops = (jnp.asarray(stop_ids), jnp.asarray(patterns_QM), jnp.asarray(pattern_len_Q))
+    buf_len = _bucket(max_new_tokens)
+    greedy = temperature == 0.0
+    rows_per_unit, chunks = _units(len(prompts), n, max_batch)
+    results: dict[tuple[int, int], Completion] = {}
+    for chunk in chunks:
+        p_rows = _batch_bucket(len(chunk), multiple)
+        t_len = _bucket(max(len(prompts[p]) for p, _, _ in chunk))
+        st = _Static(
+            cfg=model_cfg, mesh=mesh, n=rows_per_unit, buf_len=buf_len,
+            cache_len=t_len + buf_len,
+            cache_dtype=str(jnp.dtype(cache_dtype or model_cfg.dtype)),
+            greedy=greedy, top_k=top_k, use_top_p=top_p < 1.0,
+        )  # fmt: skip
+        tokens_PT, lengths_P, rows = _chunk_arrays(prompts, chunk, p_rows, t_len, rows_per_unit)
+        args = (params, tokens_PT, lengths_P, rows, np.int32(max_new_tokens), key,
+                np.float32(max(temperature, 1e-30)), np.float32(top_p), stops)  # fmt: skip
+        out = _run(args, st, mesh)
+        _collect(out, rows, tokenizer, stop_strings, results)
+    return [results[(p, s)] for p in range(len(prompts)) for s in range(n)]
+
+
+def _run(args, st: _Static, mesh):
+    if mesh is None:
+        out = _generate_chunk(*args, st=st)
+    else:
+        from qmath_jax import parallel
+
+        with mesh, parallel.axis_rules():
+            out = _generate_chunk(*args, st=st)
+    return jax.device_get(out)
+
+
+def _chunk_arrays(prompts, chunk, p_rows: int, t_len: int, rows_per_unit: int):
+    tokens_PT = np.zeros((p_rows, t_len), np.int32)
+    lengths_P = np.ones((p_rows,), np.int32)  # padding rows: one dummy token
+    b = p_rows * rows_per_unit
+    rows = {"prompt": np.zeros(b, np.int32), "sample": np.zeros(b, np.int32),
+            "valid": np.zeros(b, bool)}  # fmt: skip
+    for u, (p, s0, count) in enumerate(chunk):
+        tokens_PT[u, : len(prompts[p])] = prompts[p]
+        lengths_P[u] = len(prompts[p])
+        r = slice(u * rows_per_unit, u * rows_per_unit + count)
+        rows["prompt"][r] = p
+        rows["sample"][r] = np.arange(s0, s0 + count)
+        rows["valid"][r] = True
+    return tokens_PT, lengths_P, rows
+
+
+def _collect(out, rows, tokenizer, stop_strings, results) -> None:
+    tokens_BN, logprobs_BN, ngen_B, reason_B = (np.asarray(x) for x in out)
+    for b in np.flatnonzero(rows["valid"]):
+        m = int(ngen_B[b])
+        toks = [int(t) for t in tokens_BN[b, :m]]
+        lps = [float(x) for x in logprobs_BN[b, :m]]
+        reason = STOP_REASONS[int(reason_B[b]) - 1]
+        if stop_strings:
+            cut = _first_prefix_containing(tokenizer, toks, stop_strings)
+            if cut is not None and (cut < m or reason != "stop_string"):
+                toks, lps, reason = toks[:cut], lps[:cut], "stop_string"
+        text = tokenizer.decode(toks) if tokenizer is not None else None
+        p, s = int(rows["prompt"][b]), int(rows["sample"][b])
+        results[(p, s)] = Completion(toks, lps, reason, p, s, text)
+
+
+def make_generate_fn(
+    model_cfg,
+    params: dict,
+    tokenizer,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    key: jax.Array | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    mesh=None,
+    max_batch: int | None = None,
+    cache_dtype: str | None = None,
+):
+    """A `generate_fn(prompts, max_new_tokens, stop) -> list[Completion]` for the TIR loop.
+
+    One completion per prompt. Call c draws with fold_in(key, c), so a sequence of calls
+    is reproducible from the key.
+
+    Args:
+      model_cfg: the ModelConfig.
+      params: model params.
+      tokenizer: encodes stop strings and decodes texts.
+      temperature: as in `generate`.
+      top_p: as in `generate`.
+      top_k: as in `generate`.
+      key: PRNG key; default key(0).
+      stop_token_ids: default the tokenizer's EOS and `<|im_end|>` ids.
+      mesh: as in `generate`.
+      max_batch: as in `generate`.
+      cache_dtype: as in `generate`.
+
+    Returns:
+      The callable.
+    """
+    _check_sampling(temperature, top_p, top_k)
+    if stop_token_ids is None:
+        stop_token_ids = tuple(
+            dict.fromkeys(i for i in (tokenizer.eos_id, tokenizer.im_end_id) if i is not None)
+        )
+    base_key = jax.random.key(0) if key is None else key
+    calls = itertools.count()
+
+    def generate_fn(prompts, max_new_tokens: int, stop: Sequence[str]) -> list[Completion]:
+        return generate(
+            model_cfg, params, prompts, max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, n=1,
+            stop_token_ids=stop_token_ids, stop_strings=tuple(stop), tokenizer=tokenizer,
+            key=jax.random.fold_in(base_key, next(calls)), mesh=mesh, max_batch=max_batch,
+            cache_dtype=cache_dtype,
+        )  # fmt: skip
+
+    return generate_fn
+
+
+def kv_cache_bytes_per_token(cfg, cache_dtype: str | None = None) -> int:
+    """Theoretical KV cache size of one token: 2 (k, v) * L * K * E * bytes."""
+    itemsize = jnp.dtype(cache_dtype or cfg.dtype).itemsize
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+__all__ = [
+    "STOP_REASONS",
+    "Completion",
+    "decode_step",
+    "generate",
+    "kv_cache_bytes_per_token",
+    "lm_head_logits",
+    "make_generate_fn",
+    "prefill",
+    "sample_logits",
+    "sample_tokens",
+    "stop_string_patterns",
+    "token_logprobs",
+]
