@@ -72,8 +72,14 @@ def main(argv: list[str] | None = None) -> None:
         from qmath_jax import parallel
 
         parallel.initialize_distributed()
+        from qmath_jax.train.trainer import Preempted
+
         stage = importlib.import_module(f"qmath_jax.stages.{cfg.stage}")
-        stage.run(cfg, workdir)
+        try:
+            stage.run(cfg, workdir)
+        except Preempted as e:  # SIGTERM: the checkpoint is written; rerun to resume
+            print(f"{e}; rerun the same command to resume from {workdir}")
+            sys.exit(0)
 
     app.run(run, argv=argv)
 

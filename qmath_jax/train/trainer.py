@@ -270,6 +270,7 @@ class Trainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.checkpoint_every_s = checkpoint_every_minutes * 60
         self._last_save_time = time.time()
+        self._last_saved_step = None
         self._sigterm = False
         self.logger = metrics_lib.MetricsLogger(self.workdir, stage)
 
@@ -309,13 +310,15 @@ class Trainer:
 
     def save(self, state: TrainState, data_state, force: bool = False) -> bool:
         step = int(jax.device_get(state.step))
+        if step in (self._last_saved_step, self.manager.latest_step()):
+            return False  # already written (a periodic save of this very step)
         saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(self.run_config),
         ), force=force)
         if saved:
-            self._last_save_time = time.time()
+            self._last_save_time, self._last_saved_step = time.time(), step
         return saved
 
     def _due(self, step: int) -> bool:
@@ -367,8 +370,7 @@ class Trainer:
                 raise Preempted(f"preempted at step {step + 1}; checkpoint saved")
         if pending is not None:
             self._report(*pending, progress)
-        if self.manager.latest_step() != num_steps:
-            self.save(state, batches.get_state(), force=True)
+        self.save(state, batches.get_state(), force=True)
         progress.close()
         self.logger.plot()
         return state
