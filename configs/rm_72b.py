@@ -6,7 +6,7 @@ correct / wrong, and the loss ranks every correct above every wrong one. The rep
 optimizer settings for the RM; ours: 64 questions (384 responses) a step at 4096 tokens, lr
 5e-6 cosine to 7e-7 as in SFT-72B, 2 epochs of 361k questions. bfloat16 compute, float32
 master params and AdamW state; fully sharded (FSDP) over the 64 chips of a v5p-128, full
-rematerialisation, two micro-batches.
+rematerialisation, one batch (6 responses per chip).
 
   python -m qmath_jax.launch --config rm_72b --workdir gs://BUCKET/runs/rm_72b \
       --config.init.checkpoint=gs://BUCKET/runs/sft_72b \
@@ -38,7 +38,7 @@ def get_config():
     c.rm.group_size = 6
     c.train.seq_len = 4096
     c.train.batch_size = 64  # questions; each brings rm.group_size responses
-    c.train.grad_accum = 2
+    c.train.grad_accum = 1  # 64 questions over 64 chips: one micro-batch
     c.train.steps = 2 * 361_000 // 64
     c.train.lr = 5e-6
     c.train.end_lr = 7e-7

@@ -49,8 +49,16 @@ GENERATIONS = {
     "v6e": Generation("v6e", 32, 2, 1, "default"),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
-_2D_SHAPES = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
-              128: (8, 16), 256: (16, 16)}
+_2D_SHAPES = {
+    1: (1, 1),
+    4: (2, 2),
+    8: (2, 4),
+    16: (4, 4),
+    32: (4, 8),
+    64: (8, 8),
+    128: (8, 16),
+    256: (16, 16),
+}
 _NAME_RE = re.compile(r"^(?:(\d+)x)?([a-z0-9]+)([-:])([0-9x]+)$")
 
 
@@ -94,9 +102,11 @@ class Topology:
 
 
 def _usage() -> str:
-    return (f"use GEN-COUNT with GEN one of {', '.join(GENERATIONS)} (e.g. v5p-128, v4-64, "
-            "v5e-256, v6e-256), or GEN:SHAPE (e.g. v5p:4x4x4, v5e:2x2), optionally prefixed "
-            "Nx for N slices (2xv5p-128)")
+    return (
+        f"use GEN-COUNT with GEN one of {', '.join(GENERATIONS)} (e.g. v5p-128, v4-64, "
+        "v5e-256, v6e-256), or GEN:SHAPE (e.g. v5p:4x4x4, v5e:2x2), optionally prefixed "
+        "Nx for N slices (2xv5p-128)"
+    )
 
 
 def _torus_shape(chips: int) -> tuple[int, int, int]:
@@ -122,8 +132,10 @@ def parse_topology(name: str) -> Topology:
     if m.group(3) == ":":
         shape = tuple(int(d) for d in m.group(4).split("x") if d)
         if len(shape) != gen.dims or min(shape) < 1:
-            raise TopologyError(f"topology {name!r}: {gen.name} shapes have {gen.dims} "
-                                f"dimensions, e.g. {gen.name}:{'x'.join(['2'] * gen.dims)}")
+            raise TopologyError(
+                f"topology {name!r}: {gen.name} shapes have {gen.dims} "
+                f"dimensions, e.g. {gen.name}:{'x'.join(['2'] * gen.dims)}"
+            )
         return Topology(name, gen, shape, slices)
     if not m.group(4).isdigit():
         raise TopologyError(f"topology {name!r}: {_usage()}")
@@ -138,23 +150,32 @@ def parse_topology(name: str) -> Topology:
         shape = _2D_SHAPES.get(chips)
     if shape is None:
         unit = "TensorCores (2 per chip)" if gen.cores_per_chip == 2 else "chips"
-        raise TopologyError(f"topology {name!r}: no {gen.name} slice has {count} {unit}; "
-                            f"sizes: {', '.join(valid)}")
+        raise TopologyError(
+            f"topology {name!r}: no {gen.name} slice has {count} {unit}; sizes: {', '.join(valid)}"
+        )
     return Topology(name, gen, shape, slices)
 
 
 def topology_devices(topo: Topology) -> list:
     """Compile-only devices of `topo` from libtpu (no TPU attached)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+    # Compiling never runs on chips, so it needs no exclusive hold on libtpu: another
+    # process (a training run, a test) may hold the lock meanwhile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(
-        topo.libtpu_name, "tpu", chip_config_name=topo.generation.chip_config,
-        chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=topo.num_slices)
+        topo.libtpu_name,
+        "tpu",
+        chip_config_name=topo.generation.chip_config,
+        chips_per_host_bounds=topo.chips_per_host_bounds,
+        num_slices=topo.num_slices,
+    )
     devices = list(desc.devices)
     if len(devices) != topo.num_devices:
-        raise TopologyError(f"libtpu gave {len(devices)} devices for {topo.name}, expected "
-                            f"{topo.num_devices}")
+        raise TopologyError(
+            f"libtpu gave {len(devices)} devices for {topo.name}, expected {topo.num_devices}"
+        )
     return devices
 
 
@@ -196,8 +217,10 @@ def rm_batch(batch: int, group: int, seq_len: int, mesh) -> dict:
 
     from qmath_jax import parallel
 
-    out = {k: _abstract((batch, group, seq_len), jnp.int32, parallel.batch_sharding(mesh, 3))
-           for k in ("tokens", "segment_ids", "positions")}
+    out = {
+        k: _abstract((batch, group, seq_len), jnp.int32, parallel.batch_sharding(mesh, 3))
+        for k in ("tokens", "segment_ids", "positions")
+    }
     for k in ("last_index", "labels"):
         out[k] = _abstract((batch, group), jnp.int32, parallel.batch_sharding(mesh, 2))
     return out
@@ -217,10 +240,22 @@ def _train_target(cfg, mesh, model_cfg, make_loss, batch: dict, tokens: int) -> 
         tokens_ = np.zeros((1, 8), np.int32)
         return model.init(jax.random.key(cfg.seed), tokens_, tokens_, tokens_ + 1)["params"]
 
-    built = trainer_lib.build_step(mesh, init_fn, make_loss(model), common.optim_config(cfg),
-                                   seed=cfg.seed, grad_accum=cfg.train.grad_accum)
-    return Target("train_step", built.step, (built.abstract_state, batch), tokens, model_cfg,
-                  cfg.train.seq_len)
+    built = trainer_lib.build_step(
+        mesh,
+        init_fn,
+        make_loss(model),
+        common.optim_config(cfg),
+        seed=cfg.seed,
+        grad_accum=cfg.train.grad_accum,
+    )
+    return Target(
+        "train_step",
+        built.step,
+        (built.abstract_state, batch),
+        tokens,
+        model_cfg,
+        cfg.train.seq_len,
+    )
 
 
 def targets_for(cfg, mesh) -> list[Target]:
@@ -231,21 +266,37 @@ def targets_for(cfg, mesh) -> list[Target]:
     t = cfg.train
     if cfg.stage in ("pretrain", "sft"):
         parallel.check_batch(t.batch_size, mesh, t.grad_accum)
-        return [_train_target(cfg, mesh, common.model_config(cfg), common.lm_loss,
-                              lm_batch(t.batch_size, t.seq_len, mesh),
-                              t.batch_size * t.seq_len)]
+        return [
+            _train_target(
+                cfg,
+                mesh,
+                common.model_config(cfg),
+                common.lm_loss,
+                lm_batch(t.batch_size, t.seq_len, mesh),
+                t.batch_size * t.seq_len,
+            )
+        ]
     if cfg.stage == "rm":
         from qmath_jax.stages import reward_model
 
         parallel.check_batch(t.batch_size, mesh, t.grad_accum)
         g = cfg.rm.group_size
-        return [_train_target(cfg, mesh, common.model_config(cfg, head="rm"),
-                              reward_model.rm_loss, rm_batch(t.batch_size, g, t.seq_len, mesh),
-                              t.batch_size * g * t.seq_len)]
+        return [
+            _train_target(
+                cfg,
+                mesh,
+                common.model_config(cfg, head="rm"),
+                reward_model.rm_loss,
+                rm_batch(t.batch_size, g, t.seq_len, mesh),
+                t.batch_size * g * t.seq_len,
+            )
+        ]
     if cfg.stage == "grpo":
         return _grpo_targets(cfg, mesh)
-    raise StageError(f"--compile_only compiles the pretrain, sft, rm and grpo stages; the "
-                     f"config's stage is {cfg.stage!r}")
+    raise StageError(
+        f"--compile_only compiles the pretrain, sft, rm and grpo stages; the "
+        f"config's stage is {cfg.stage!r}"
+    )
 
 
 def _grpo_targets(cfg, mesh) -> list[Target]:
@@ -256,8 +307,9 @@ def _grpo_targets(cfg, mesh) -> list[Target]:
             raise
         grpo = None
     if grpo is None or not hasattr(grpo, "compile_targets"):
-        raise StageError("stage 'grpo' has no compile_targets(cfg, mesh) in "
-                         "qmath_jax/stages/grpo.py to compile")
+        raise StageError(
+            "stage 'grpo' has no compile_targets(cfg, mesh) in qmath_jax/stages/grpo.py to compile"
+        )
     return [Target(name, fn, tuple(args)) for name, fn, args in grpo.compile_targets(cfg, mesh)]
 
 
@@ -277,8 +329,13 @@ def memory_report(stats, hbm_bytes: float) -> dict:
         "temp_bytes": int(stats.temp_size_in_bytes),
         "code_bytes": int(stats.generated_code_size_in_bytes),
     }
-    r["total_bytes"] = (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
-                        + r["temp_bytes"] + r["code_bytes"])
+    r["total_bytes"] = (
+        r["argument_bytes"]
+        + r["output_bytes"]
+        - r["alias_bytes"]
+        + r["temp_bytes"]
+        + r["code_bytes"]
+    )
     r["hbm_bytes"] = int(hbm_bytes)
     r["spare_fraction"] = 1.0 - r["total_bytes"] / hbm_bytes
     r["fits"] = r["total_bytes"] <= hbm_bytes
@@ -303,9 +360,13 @@ def compile_target(target: Target, mesh, hbm_bytes: float) -> dict:
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    report = {"target": target.name, "lower_s": round(t1 - t0, 2),
-              "compile_s": round(t2 - t1, 2), "flops_per_device": compiled_flops(compiled),
-              "tpu_custom_calls": compiled.as_text().count("tpu_custom_call")}
+    report = {
+        "target": target.name,
+        "lower_s": round(t1 - t0, 2),
+        "compile_s": round(t2 - t1, 2),
+        "flops_per_device": compiled_flops(compiled),
+        "tpu_custom_calls": compiled.as_text().count("tpu_custom_call"),
+    }
     report.update(memory_report(compiled.memory_analysis(), hbm_bytes))
     if target.tokens and target.model_cfg is not None:
         from qmath_jax.stages import common
@@ -316,28 +377,37 @@ def compile_target(target: Target, mesh, hbm_bytes: float) -> dict:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB / 100 else f"{n / 2**20:.2f} MiB"
 
 
 def format_report(r: dict) -> str:
     """Human-readable lines of one target's report."""
+    spare = r["hbm_bytes"] - r["total_bytes"]
+    flops = f"{r['flops_per_device']:.4g} compiled"
+    if r.get("model_flops_per_device"):
+        flops += f", {r['model_flops_per_device']:.4g} model (6N + attention)"
     lines = [
         f"  {r['target']}: lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s",
-        f"    per device: arguments {_gib(r['argument_bytes'])}, outputs "
-        f"{_gib(r['output_bytes'])} (aliased to arguments {_gib(r['alias_bytes'])}), "
-        f"temporaries {_gib(r['temp_bytes'])}, generated code {_gib(r['code_bytes'])}",
-        f"    total {_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])} HBM "
-        f"({100 * (1 - r['spare_fraction']):.1f}% used, {_gib(r['hbm_bytes'] - r['total_bytes'])}"
-        f" spare)",
-        f"    FLOPs per device per call: {r['flops_per_device']:.4g} compiled"
-        + (f", {r['model_flops_per_device']:.4g} model (6N + attention)"
-           if r.get("model_flops_per_device") else ""),
+        (
+            f"    per device: arguments {_gib(r['argument_bytes'])}, outputs "
+            f"{_gib(r['output_bytes'])} (aliased to arguments {_gib(r['alias_bytes'])}), "
+            f"temporaries {_gib(r['temp_bytes'])}, generated code {_gib(r['code_bytes'])}"
+        ),
+        (
+            f"    total {_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])} HBM "
+            f"({100 * (1 - r['spare_fraction']):.1f}% used, {_gib(spare)} spare)"
+        ),
+        # XLA's cost analysis counts a while loop's body once: scanned layers and
+        # micro-batches make the compiled figure a lower bound.
+        f"    FLOPs per device per call: {flops} (compiled counts each loop body once)",
     ]
     if not r["fits"]:
         over = r["total_bytes"] - r["hbm_bytes"]
-        lines.append(f"    DOES NOT FIT: needs {_gib(over)} more per device "
-                     f"({100 * over / r['hbm_bytes']:.1f}% over); shard wider (mesh.fsdp), "
-                     f"raise train.grad_accum, use model.remat=full, or a bigger topology")
+        lines.append(
+            f"    DOES NOT FIT: needs {_gib(over)} more per device "
+            f"({100 * over / r['hbm_bytes']:.1f}% over); shard wider (mesh.fsdp), "
+            f"raise train.grad_accum, use model.remat=full, or a bigger topology"
+        )
     return "\n".join(lines)
 
 
@@ -376,11 +446,13 @@ def main(cfg, topology: str) -> int:
         return 2
     hbm = topo.generation.hbm_gib * GIB
     kind = devices[0].device_kind
-    print(f"[compile_only] stage {cfg.stage}, model {cfg.model.preset}, on {topo.name} "
-          f"({topo.libtpu_name} x {topo.num_slices} slice(s), {mesh.devices.size} devices of "
-          f"{kind}, {_gib(hbm)} HBM each), mesh {dict(mesh.shape)}, "
-          f"batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, "
-          f"grad_accum {cfg.train.grad_accum}, remat {cfg.model.remat}")
+    print(
+        f"[compile_only] stage {cfg.stage}, model {cfg.model.preset}, on {topo.name} "
+        f"({topo.libtpu_name} x {topo.num_slices} slice(s), {mesh.devices.size} devices of "
+        f"{kind}, {_gib(hbm)} HBM each), mesh {dict(mesh.shape)}, "
+        f"batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, "
+        f"grad_accum {cfg.train.grad_accum}, remat {cfg.model.remat}"
+    )
     fits = True
     for target in targets:
         report = compile_target(target, mesh, hbm)

@@ -43,14 +43,17 @@ def _resolve(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
     sizes = list(sizes)
     named = dict(zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise MeshError(f"{what} axis sizes {named}: each must be a positive size, with at most "
-                        f"one -1 (the rest); e.g. {suggest_mesh(total, sizes)}")
+        raise MeshError(
+            f"{what} axis sizes {named}: each must be a positive size, with at most "
+            f"one -1 (the rest); e.g. {suggest_mesh(total, sizes)}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if total % known or (-1 not in sizes and known != total):
         raise MeshError(
             f"{what} axis sizes {named} multiply to {known}, which "
             f"{'does not divide' if total % known else 'is not'} the {total} devices; "
-            f"sizes that fit: {suggest_mesh(total, sizes)} (set one axis to -1 to take the rest)")
+            f"sizes that fit: {suggest_mesh(total, sizes)} (set one axis to -1 to take the rest)"
+        )
     if -1 in sizes:
         sizes[sizes.index(-1)] = total // known
     return tuple(sizes)
@@ -65,8 +68,15 @@ def suggest_mesh(total: int, sizes: Sequence[int] = (-1, 1, 1)) -> str:
     return f"data={rest // fsdp}, fsdp={fsdp}, tensor={tensor}"
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
-              dcn_fsdp: int = 1, dcn_tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    dcn_data: int = 1,
+    dcn_fsdp: int = 1,
+    dcn_tensor: int = 1,
+    devices=None,
+) -> Mesh:
     """A (data, fsdp, tensor) mesh; -1 takes the remaining devices.
 
     The `dcn_*` sizes split the mesh across the slices of a multi-slice pod (data-parallel
@@ -85,10 +95,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
     if num_slices > 1 and len(slices) != num_slices:
         raise MeshError(
             f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} ask for {num_slices} slices but the "
-            f"devices form {len(slices)}; set dcn_data={len(slices)} (dcn_fsdp=dcn_tensor=1)")
+            f"devices form {len(slices)}; set dcn_data={len(slices)} (dcn_fsdp=dcn_tensor=1)"
+        )
     if len(devices) % num_slices:
-        raise MeshError(f"dcn sizes {dcn} need a multiple of {num_slices} devices, "
-                        f"have {len(devices)}")
+        raise MeshError(
+            f"dcn sizes {dcn} need a multiple of {num_slices} devices, have {len(devices)}"
+        )
     per_slice = len(devices) // num_slices
     ici = _resolve((data, fsdp, tensor), per_slice, "mesh")
     if num_slices > 1:
@@ -107,8 +119,15 @@ def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
     get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d: getattr(mesh_cfg, k, d)
     if devices is None and get("num_devices", 0):
         devices = jax.devices()[: get("num_devices", 0)]
-    return make_mesh(get("data", -1), get("fsdp", 1), get("tensor", 1), get("dcn_data", 1),
-                     get("dcn_fsdp", 1), get("dcn_tensor", 1), devices=devices)
+    return make_mesh(
+        get("data", -1),
+        get("fsdp", 1),
+        get("tensor", 1),
+        get("dcn_data", 1),
+        get("dcn_fsdp", 1),
+        get("dcn_tensor", 1),
+        devices=devices,
+    )
 
 
 def logical_to_sharding(specs, mesh: Mesh, rules=RULES):
@@ -143,8 +162,9 @@ def abstract_sharded(init_fn: Callable[[], object], mesh: Mesh, rules=RULES):
     abstract = jax.eval_shape(init_fn)
     shardings = logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
     unboxed = nn.meta.unbox(abstract)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        unboxed, shardings), shardings
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings
+    ), shardings
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
@@ -184,20 +204,26 @@ def check_batch(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
     if global_batch % grad_accum:
         why.append(f"does not split into grad_accum={grad_accum} micro-batches")
     elif (global_batch // grad_accum) % dp:
-        why.append(f"gives micro-batches of {global_batch // grad_accum} rows, which do not "
-                   f"divide over data x fsdp = {dp} devices (mesh {dict(mesh.shape)})")
+        why.append(
+            f"gives micro-batches of {global_batch // grad_accum} rows, which do not "
+            f"divide over data x fsdp = {dp} devices (mesh {dict(mesh.shape)})"
+        )
     if global_batch % hosts:
         why.append(f"does not split over the {hosts} hosts")
-    raise MeshError(f"global batch {global_batch} {' and '.join(why)}; use a multiple of "
-                    f"{unit}, e.g. {fits}, or change grad_accum / the mesh")
+    raise MeshError(
+        f"global batch {global_batch} {' and '.join(why)}; use a multiple of "
+        f"{unit}, e.g. {fits}, or change grad_accum / the mesh"
+    )
 
 
 def host_rows(global_batch: int) -> slice:
     """The rows of the global batch this host reads (hosts feed disjoint, equal rows)."""
     hosts = jax.process_count()
     if global_batch % hosts:
-        raise MeshError(f"global batch {global_batch} does not split over {hosts} hosts; "
-                        f"use a multiple of {hosts}")
+        raise MeshError(
+            f"global batch {global_batch} does not split over {hosts} hosts; "
+            f"use a multiple of {hosts}"
+        )
     per_host = global_batch // hosts
     start = jax.process_index() * per_host
     return slice(start, start + per_host)

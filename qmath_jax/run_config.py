@@ -68,6 +68,32 @@ def base(stage: str) -> ml_collections.ConfigDict:
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1,
               "dcn_tensor": 1, "num_devices": 0}
     c.rm = {"group_size": 6, "eval_source": ""}
+    c.grpo = {
+        "mode": "cot",  # cot | tir
+        "group_size": 8,
+        "prompts_per_step": 4,
+        "mini_batch": 16,  # sequences per optimizer step
+        "passes": 1,  # optimisation passes over each rollout batch
+        "clip_eps": 0.2,
+        "kl_coef": 1e-3,
+        "kl_estimator": "k3",  # k1 | k2 | k3
+        "aggregation": "seq_mean_token_mean",  # or token_mean (DAPO)
+        "max_prompt_len": 128,
+        "max_new_tokens": 256,
+        "max_tool_calls": 4,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "rm_checkpoint": "",  # an RM stage's workdir; empty: verifier reward only
+    }
+    # Evaluation (stage eval): benchmark sets by name from eval.benchmarks (default
+    # ../shared/benchmarks), or "synthetic" (the corpus's test split); limit = problems per
+    # set (0 = all). Greedy and k samples per problem (temperature / top_p), CoT and/or TIR;
+    # an RM (rm_checkpoint or rm_hf_dir) scores every sample for rm@k.
+    c.eval = {"sets": "gsm8k,math500", "benchmarks": "", "limit": 0, "modes": "cot",
+              "greedy": True, "k": 8, "temperature": 0.7, "top_p": 0.8,
+              "max_new_tokens": 2048, "max_tool_calls": 4, "tool_timeout_s": 5.0,
+              "sandbox_workers": 4, "batch_size": 32, "max_batch": 0,
+              "rm_checkpoint": "", "rm_hf_dir": "", "rm_batch_size": 16}
     # The TPU topology a config is sized for (documentation and --compile_only default).
     c.topology = ""
     return c

@@ -59,11 +59,15 @@ def _batches(vocab: int) -> list[dict]:
             a, b = rng.integers(4, SEQ // 2), rng.integers(SEQ // 2, SEQ - 2)
             seg[r, :a], seg[r, a:b] = 1, 2
             pos[r, :a], pos[r, a:b] = np.arange(a), np.arange(b - a)
-        out.append({
-            "tokens": rng.integers(0, vocab, (BATCH, SEQ), dtype=np.int32),
-            "targets": rng.integers(0, vocab, (BATCH, SEQ), dtype=np.int32),
-            "segment_ids": seg, "positions": pos, "loss_mask": (seg > 0).astype(np.int32),
-        })
+        out.append(
+            {
+                "tokens": rng.integers(0, vocab, (BATCH, SEQ), dtype=np.int32),
+                "targets": rng.integers(0, vocab, (BATCH, SEQ), dtype=np.int32),
+                "segment_ids": seg,
+                "positions": pos,
+                "loss_mask": (seg > 0).astype(np.int32),
+            }
+        )
     return out
 
 
@@ -75,12 +79,15 @@ def _train(mesh, grad_accum: int):
         tokens = np.zeros((1, 8), np.int32)
         return model.init(jax.random.key(0), tokens, tokens, tokens + 1)["params"]
 
-    optim = trainer_lib.OptimConfig(lr=1e-3, end_lr=1e-4, warmup_steps=1, total_steps=10,
-                                    weight_decay=0.1)
-    built = trainer_lib.build_step(mesh, init_fn, common.lm_loss(model), optim,
-                                   grad_accum=grad_accum)
+    optim = trainer_lib.OptimConfig(
+        lr=1e-3, end_lr=1e-4, warmup_steps=1, total_steps=10, weight_decay=0.1
+    )
+    built = trainer_lib.build_step(
+        mesh, init_fn, common.lm_loss(model), optim, grad_accum=grad_accum
+    )
     state, _ = parallel.sharded_init(
-        lambda: trainer_lib.boxed_state(init_fn, built.optimizer, 0), mesh)
+        lambda: trainer_lib.boxed_state(init_fn, built.optimizer, 0), mesh
+    )
     losses = []
     for batch in _batches(cfg.vocab_size):
         parallel.check_batch(BATCH, mesh, grad_accum)
@@ -105,8 +112,9 @@ def test_sharded_steps_match_one_device(runs):
     flat1 = dict(jax.tree_util.tree_leaves_with_path(state1.params))
     assert len(flat8) == len(flat1) == len(EXPECTED_SPECS)
     for path, leaf in flat8:
-        np.testing.assert_allclose(np.asarray(leaf), np.asarray(flat1[path]), rtol=1e-5,
-                                   atol=1e-5, err_msg=_path(path))
+        np.testing.assert_allclose(
+            np.asarray(leaf), np.asarray(flat1[path]), rtol=1e-5, atol=1e-5, err_msg=_path(path)
+        )
     assert int(state8.step) == int(state1.step) == STEPS
 
 
@@ -152,12 +160,15 @@ def _suggested(message: str) -> dict:
     return dict(zip(("data", "fsdp", "tensor"), map(int, m.groups())))
 
 
-@pytest.mark.parametrize("sizes", [
-    {"data": 3},  # does not divide 8
-    {"data": 2, "fsdp": 2, "tensor": 1},  # multiplies to 4, not 8
-    {"data": -1, "fsdp": -1},  # two "rest" axes
-    {"data": 1, "fsdp": 0, "tensor": 8},
-])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        {"data": 3},  # does not divide 8
+        {"data": 2, "fsdp": 2, "tensor": 1},  # multiplies to 4, not 8
+        {"data": -1, "fsdp": -1},  # two "rest" axes
+        {"data": 1, "fsdp": 0, "tensor": 8},
+    ],
+)
 def test_wrong_mesh_is_refused_with_sizes_that_fit(sizes):
     with pytest.raises(parallel.MeshError) as e:
         parallel.make_mesh(**sizes)
@@ -179,13 +190,16 @@ def test_batch_that_does_not_divide_is_refused(runs):
     parallel.check_batch(16, mesh, grad_accum=4)
 
 
-@pytest.mark.parametrize("name, hint", [
-    ("v9z-8", "v5p-128"),
-    ("tpu-64", "GEN-COUNT"),
-    ("v5p-100", "v5p-128"),  # v5p counts TensorCores, 2 a chip, in powers of two
-    ("v5e-12", "v5e-16"),
-    ("v4:2x2", "v4:2x2x2"),
-])
+@pytest.mark.parametrize(
+    "name, hint",
+    [
+        ("v9z-8", "v5p-128"),
+        ("tpu-64", "GEN-COUNT"),
+        ("v5p-100", "v5p-128"),  # v5p counts TensorCores, 2 a chip, in powers of two
+        ("v5e-12", "v5e-16"),
+        ("v4:2x2", "v4:2x2x2"),
+    ],
+)
 def test_unknown_topology_is_refused_with_names_that_exist(name, hint):
     with pytest.raises(compile_only.TopologyError) as e:
         compile_only.parse_topology(name)

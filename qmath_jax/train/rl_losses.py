@@ -66,6 +66,22 @@ def kl_penalty(logp, ref_logp, estimator: str = "k3"):
     raise ValueError(f"kl estimator {estimator!r}: choose one of {KL_ESTIMATORS}")
 
 
+def aggregate(x_BT, mask_BT, aggregation: str):
+    """Sums x over masked tokens by the aggregation rule; returns (sum, weight).
+
+    "seq_mean_token_mean": each sequence's token mean, summed over sequences, weight =
+    sequences with tokens; "token_mean": the token sum, weight = token count.
+    """
+    mask = mask_BT.astype(jnp.float32)
+    tokens_B = jnp.sum(mask, axis=1)
+    if aggregation == "seq_mean_token_mean":
+        total = jnp.sum(jnp.sum(x_BT * mask, axis=1) / jnp.maximum(tokens_B, 1.0))
+        return total, jnp.sum((tokens_B > 0).astype(jnp.float32))
+    if aggregation == "token_mean":
+        return jnp.sum(x_BT * mask), jnp.sum(mask)
+    raise ValueError(f"aggregation {aggregation!r}: choose one of {AGGREGATIONS}")
+
+
 def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, clip_eps=0.2,
               kl_coef=1e-3, kl_estimator="k3", aggregation="seq_mean_token_mean"):
     """Clipped-ratio policy loss plus a KL penalty to the reference, summed.
@@ -77,9 +93,6 @@ def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, clip_
     Returns:
       (sum, aux) with aux sums of kl, clip fraction and the ratio, and aux["weight"].
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation {aggregation!r}: choose one of {AGGREGATIONS}")
-    mask = mask_BT.astype(jnp.float32)
     ratio = jnp.exp(logp_BT - old_logp_BT)
     adv = advantages_B[:, None]
     clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
@@ -87,14 +100,10 @@ def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, clip_
     kl_BT = kl_penalty(logp_BT, ref_logp_BT, kl_estimator)
     per_token = pg_BT + kl_coef * kl_BT
     was_clipped = (jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)
-    tokens_B = jnp.sum(mask, axis=1)
-    if aggregation == "seq_mean_token_mean":
-        def agg(x):
-            return jnp.sum(jnp.sum(x * mask, axis=1) / jnp.maximum(tokens_B, 1.0))
-        weight = jnp.sum((tokens_B > 0).astype(jnp.float32))
-    else:
-        def agg(x):
-            return jnp.sum(x * mask)
-        weight = jnp.sum(mask)
+
+    def agg(x):
+        return aggregate(x, mask_BT, aggregation)[0]
+
+    weight = aggregate(per_token, mask_BT, aggregation)[1]
     return agg(per_token), {"weight": weight, "kl": agg(kl_BT), "clip_fraction": agg(was_clipped),
                             "policy_loss": agg(pg_BT), "ratio": agg(ratio)}

@@ -1,0 +1,332 @@
+"""GRPO: sample G responses per query from the current policy (CoT or TIR), score them
+with the rule verifier r_v and the reward model r_m, shape r = sigmoid(0.5 r_m) + (r_v - 1),
+normalise advantages within each group, and optimise the clipped-ratio objective with a
+KL penalty to the frozen reference (the initial policy).
+
+The policy, the reference and the RM live on one mesh; only the policy has optimizer
+state. `train.steps` counts rollout iterations; each runs `grpo.passes` passes of
+mini-batches of `grpo.mini_batch` sequences. Iteration i samples with
+fold_in(key(seed), i), so a resumed run repeats the same rollouts.
+
+Without an RM (grpo.rm_checkpoint empty) the reward is the verifier alone.
+
+Legend: N sequences (queries x G), T sequence length, G group size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qmath_jax import grading, parallel
+from qmath_jax.data import chat, pipelines, sources
+from qmath_jax.model import Transformer
+from qmath_jax.sampling import sampler, tir
+from qmath_jax.stages import common
+from qmath_jax.train import checkpoint as params_ckpt
+from qmath_jax.train import rl_losses
+from qmath_jax.train.losses import token_entropy, token_logprobs
+
+
+# -------------------------------------------------------------------------- data
+
+
+class SyntheticProblems:
+    """The synthetic corpus as RL prompts with gold answers."""
+
+    def __init__(self, corpus, size: int = 1_000_000):
+        self.corpus, self.size = corpus, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        p = self.corpus[int(index) % len(self.corpus)]
+        return {"question": p["question"], "answer": p["answer"], "idx": int(index)}
+
+
+def problem_source(spec: str, cfg, split: str = "train"):
+    """`synthetic`, `bench:NAME` (a set in ../shared/benchmarks) or a file of
+    {question, answer} records."""
+    if spec == "synthetic":
+        return SyntheticProblems(common.synthetic_corpus(cfg, split))
+    if spec.startswith("bench:"):
+        return sources.load_benchmark(spec[len("bench:"):])
+    return sources.open_source(spec, required=("question", "answer"))
+
+
+def prompt_dataset(cfg, tok):
+    mode = cfg.grpo.mode
+    return pipelines.rl_dataset(
+        problem_source(cfg.data.sources, cfg), tok, batch_size=cfg.grpo.prompts_per_step,
+        max_prompt_len=cfg.grpo.max_prompt_len,
+        prompt_fn=lambda r: chat.format_prompt(r["question"], mode), seed=cfg.seed,
+        num_threads=cfg.data.num_threads,
+    )
+
+
+# -------------------------------------------------------------------------- rollout
+
+
+def rollout(cfg, policy_cfg, params, tok, prompt_ids, key, mesh, pool=None):
+    """G responses per prompt: (tokens, model-token mask, tool calls, texts), prompt-major."""
+    g = cfg.grpo
+    stop_ids = [i for i in (tok.eos_id, tok.im_end_id) if i is not None]
+    if g.mode == "tir":
+        generate_fn = sampler.make_generate_fn(policy_cfg, params, tok, temperature=g.temperature,
+                                               top_p=g.top_p, key=key, mesh=mesh)
+        repeated = [p for p in prompt_ids for _ in range(g.group_size)]
+        trajs = tir.run_tir(generate_fn, tok, repeated, max_new_tokens=g.max_new_tokens,
+                            max_tool_calls=g.max_tool_calls, pool=pool)
+        return ([t.tokens for t in trajs], [t.loss_mask for t in trajs],
+                [t.num_tool_calls for t in trajs], [t.text for t in trajs])
+    outs = sampler.generate(policy_cfg, params, prompt_ids, g.max_new_tokens,
+                            temperature=g.temperature, top_p=g.top_p, n=g.group_size,
+                            stop_token_ids=stop_ids, tokenizer=tok, key=key, mesh=mesh)
+    return ([o.tokens for o in outs], [[1] * len(o.tokens) for o in outs], [0] * len(outs),
+            [o.text for o in outs])
+
+
+def verifier_rewards(texts: list[str], golds: list[str]) -> np.ndarray:
+    """r_v in {0, 1}: the boxed (or last) answer equals the gold answer."""
+    return np.array([float(grading.is_equiv(grading.extract_answer(t), g))
+                     for t, g in zip(texts, golds)], np.float32)
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], masks: list[list[int]],
+                   seq_len: int, pad_id: int) -> dict:
+    """Right-padded [N, T] arrays of prompt + response with next-token targets; the loss
+    mask covers the model-written response tokens (executor tokens masked)."""
+    n = len(responses)
+    tokens = np.full((n, seq_len), pad_id, np.int32)
+    loss_mask = np.zeros((n, seq_len), np.int32)
+    segment_ids = np.zeros((n, seq_len), np.int32)
+    for i, (p, r, m) in enumerate(zip(prompts, responses, masks)):
+        row = (list(p) + list(r))[:seq_len]
+        tokens[i, : len(row)] = row
+        segment_ids[i, : len(row)] = 1
+        # position t predicts token t + 1: response token j sits at len(p) + j
+        for j, keep in enumerate(m):
+            t = len(p) + j - 1
+            if keep and 0 <= t < seq_len - 1 and len(p) + j < seq_len:
+                loss_mask[i, t] = 1
+    targets = np.concatenate([tokens[:, 1:], np.full((n, 1), pad_id, np.int32)], axis=1)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
+    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+            "segment_ids": segment_ids, "positions": positions * segment_ids}
+
+
+# -------------------------------------------------------------------------- loss
+
+
+def grpo_loss_fn(model: Transformer, g):
+    def loss_fn(params, batch, rng):
+        logits = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                             batch["segment_ids"])
+        logp = token_logprobs(logits, batch["targets"])
+        total, aux = rl_losses.grpo_loss(
+            logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["loss_mask"],
+            clip_eps=g.clip_eps, kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
+            aggregation=g.aggregation)
+        aux["entropy"] = rl_losses.aggregate(token_entropy(logits), batch["loss_mask"],
+                                             g.aggregation)[0]
+        return total, aux
+
+    return loss_fn
+
+
+def logprob_fn(model: Transformer):
+    @jax.jit
+    def fn(params, batch):
+        logits = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                             batch["segment_ids"])
+        return token_logprobs(logits, batch["targets"])
+
+    return fn
+
+
+# -------------------------------------------------------------------------- RM
+
+
+class RewardScorer:
+    """Scores (prompt text, response text) pairs with the RM at the response's last token."""
+
+    def __init__(self, rm_cfg, rm_params, tok, seq_len: int, mesh=None):
+        from qmath_jax.stages.reward_model import scores_at_last_token
+
+        self.tok, self.seq_len, self.params = tok, seq_len, rm_params
+        model = Transformer(rm_cfg, mesh=mesh)
+        self._score = jax.jit(lambda p, b: scores_at_last_token(model, p, b))
+
+    def __call__(self, prompt_texts: list[str], responses: list[str]) -> np.ndarray:
+        texts = [p + r.split(chat.IM_END)[0] + chat.IM_END + "\n"
+                 for p, r in zip(prompt_texts, responses)]
+        ids = [self.tok.encode(t)[: self.seq_len] for t in texts]
+        n, t = len(ids), self.seq_len
+        batch = {"tokens": np.zeros((n, 1, t), np.int32),
+                 "segment_ids": np.zeros((n, 1, t), np.int32),
+                 "positions": np.zeros((n, 1, t), np.int32),
+                 "last_index": np.zeros((n, 1), np.int32)}
+        for i, row in enumerate(ids):
+            batch["tokens"][i, 0, : len(row)] = row
+            batch["segment_ids"][i, 0, : len(row)] = 1
+            batch["positions"][i, 0, : len(row)] = np.arange(len(row))
+            batch["last_index"][i, 0] = len(row) - 1
+        return np.asarray(self._score(self.params, batch))[:, 0]
+
+
+def load_rm(cfg, tok, mesh):
+    if not cfg.grpo.rm_checkpoint:
+        return None
+    rm_cfg, rm_params = params_ckpt.load_params(cfg.grpo.rm_checkpoint)
+    if rm_cfg.head != "rm":
+        raise ValueError(f"grpo.rm_checkpoint={cfg.grpo.rm_checkpoint} holds a '{rm_cfg.head}' "
+                         "model; point it at an RM stage's workdir")
+    return RewardScorer(rm_cfg, rm_params, tok, cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
+                        + 8, mesh)
+
+
+# -------------------------------------------------------------------------- loop
+
+
+def updates_per_rollout(g) -> int:
+    n = g.prompts_per_step * g.group_size
+    if n % g.mini_batch:
+        raise ValueError(f"grpo.mini_batch={g.mini_batch} must divide prompts_per_step x "
+                         f"group_size = {n}")
+    return (n // g.mini_batch) * g.passes
+
+
+def run(cfg, workdir: str):
+    g = cfg.grpo
+    tok = common.tokenizer(cfg, workdir)
+    policy_cfg = common.model_config(cfg, vocab_size=tok.vocab_size)
+    mesh = common.mesh(cfg)
+    parallel.check_batch(g.mini_batch, mesh)
+    per_rollout = updates_per_rollout(g)
+    opt_cfg = cfg.copy_and_resolve_references()
+    with opt_cfg.unlocked():
+        opt_cfg.train.steps = cfg.train.steps * per_rollout
+    model = Transformer(policy_cfg, mesh=mesh)
+    trainer = common.make_trainer(opt_cfg, workdir, model, grpo_loss_fn(model, g), mesh, "grpo")
+    prompts_it = iter(prompt_dataset(cfg, tok))
+    state, data_state = trainer.restore_latest()
+    reference = common.initial_params(cfg, policy_cfg, trainer.state_shardings.params)
+    if state is None:
+        state = trainer.init_state(reference)
+        start = 0
+    else:
+        prompts_it.set_state(data_state["prompts"])
+        start = data_state["iteration"]
+        print(f"[grpo] resumed at iteration {start} in {workdir}")
+    if reference is None:  # random init: the reference is the deterministic initial policy
+        reference = trainer.init_state().params
+    rm = load_rm(cfg, tok, mesh)
+    logp = logprob_fn(model)
+    seq_len = g.max_prompt_len + g.max_new_tokens
+    from qmath_jax.sandbox import SandboxPool
+
+    pool = SandboxPool(size=2) if g.mode == "tir" else None
+    try:
+        for it in range(start, cfg.train.steps):
+            batch = next(prompts_it)
+            state, record = iteration(cfg, it, state, batch, trainer, policy_cfg, tok, reference,
+                                      rm, logp, seq_len, mesh, pool)
+            trainer.logger.write(it + 1, record)
+            print(f"[grpo] iteration {it + 1}: " + json.dumps(
+                {k: round(v, 4) for k, v in record.items()}))
+            data = {"prompts": prompts_it.get_state(), "iteration": it + 1}
+            every = cfg.train.checkpoint_every_steps
+            if it + 1 == cfg.train.steps or (every and (it + 1) % every == 0):
+                trainer.save(state, data, force=True)
+    finally:
+        if pool is not None:
+            pool.close()
+        trainer.manager.wait_until_finished()
+    trainer.logger.plot()
+    return state
+
+
+def iteration(cfg, it, state, batch, trainer, policy_cfg, tok, reference, rm, logp, seq_len,
+              mesh, pool):
+    """One rollout and its policy updates; returns the new state and the metrics."""
+    g = cfg.grpo
+    key = jax.random.fold_in(jax.random.key(cfg.seed), it)
+    prompt_ids = [list(p) for p in batch["prompt_ids"]]
+    t0 = time.perf_counter()
+    responses, masks, tool_calls, texts = rollout(cfg, policy_cfg, state.params, tok,
+                                                  prompt_ids, key, mesh, pool)
+    rollout_s = time.perf_counter() - t0
+    golds = [a for a in batch["answers"] for _ in range(g.group_size)]
+    r_v = verifier_rewards(texts, golds)
+    prompts_rep = [p for p in prompt_ids for _ in range(g.group_size)]
+    if rm is not None:
+        prompt_texts = [tok.decode(p) for p in prompts_rep]
+        r_m = rm(prompt_texts, texts)
+        rewards = np.asarray(rl_losses.shaped_reward(r_m, r_v))
+    else:
+        r_m, rewards = np.zeros_like(r_v), r_v
+    adv = np.asarray(rl_losses.group_advantages(jnp.asarray(rewards).reshape(-1, g.group_size)))
+    seqs = pack_sequences(prompts_rep, responses, masks, seq_len, tok.pad_id)
+    seqs["advantages"] = adv.reshape(-1).astype(np.float32)
+    t1 = time.perf_counter()
+    with mesh, parallel.axis_rules():
+        seqs["old_logp"] = np.asarray(logp(state.params, seqs))
+        seqs["ref_logp"] = np.asarray(logp(reference, seqs))
+    metrics = []
+    order_key = jax.random.fold_in(key, 1)
+    n = len(responses)
+    for p in range(g.passes):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(order_key, p), n))
+        for start in range(0, n, g.mini_batch):
+            idx = order[start : start + g.mini_batch]
+            state, m = trainer.step(state, {k: v[idx] for k, v in seqs.items()})
+            metrics.append(m)
+    metrics = jax.device_get(metrics)
+    update_s = time.perf_counter() - t1
+    lengths = [len(r) for r in responses]
+    return state, {
+        "reward": float(np.mean(rewards)), "accuracy": float(np.mean(r_v)),
+        "rm_score": float(np.mean(r_m)),
+        "loss": float(np.mean([m["loss"] for m in metrics])),
+        "kl": float(np.mean([m["kl"] for m in metrics])),
+        "clip_fraction": float(np.mean([m["clip_fraction"] for m in metrics])),
+        "entropy": float(np.mean([m["entropy"] for m in metrics])),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in metrics])),
+        "response_length": float(np.mean(lengths)), "tool_calls": float(np.mean(tool_calls)),
+        "rollout_s": rollout_s, "update_s": update_s,
+        "zero_std_groups": float(np.mean(np.all(adv == 0, axis=1))),
+    }
+
+
+# -------------------------------------------------------------------------- query filter
+
+
+def filter_queries(policy_cfg, params, tok, problems: list[dict], *, n: int = 8,
+                   keep: tuple[int, int] = (2, 5), mode: str = "cot", max_new_tokens: int = 512,
+                   temperature: float = 1.0, key=None) -> tuple[list[dict], list[int]]:
+    """The report's RL query filter: keep problems with keep[0]..keep[1] of n correct.
+
+    Returns (kept problems, correct count per problem).
+    """
+    prompts = [tok.encode(chat.format_prompt(p["question"], mode)) for p in problems]
+    stop_ids = [i for i in (tok.eos_id, tok.im_end_id) if i is not None]
+    outs = sampler.generate(policy_cfg, params, prompts, max_new_tokens, temperature=temperature,
+                            n=n, stop_token_ids=stop_ids, tokenizer=tok,
+                            key=key if key is not None else jax.random.key(0))
+    golds = [p["answer"] for p in problems for _ in range(n)]
+    correct = verifier_rewards([o.text for o in outs], golds).reshape(len(problems), n).sum(1)
+    kept = [p for p, c in zip(problems, correct) if keep[0] <= c <= keep[1]]
+    return kept, [int(c) for c in correct]
+
+
+def write_jsonl(path: str, rows) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
