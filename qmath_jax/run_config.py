@@ -94,6 +94,24 @@ def base(stage: str) -> ml_collections.ConfigDict:
               "max_new_tokens": 2048, "max_tool_calls": 4, "tool_timeout_s": 5.0,
               "sandbox_workers": 4, "batch_size": 32, "max_batch": 0,
               "rm_checkpoint": "", "rm_hf_dir": "", "rm_batch_size": 16}
+    c.synth = {
+        "source": "synthetic",  # synthetic | bench:NAME | a file of {question[, answer]}
+        "num_problems": 64,
+        "offset": 0,  # first problem index (rounds of RFT move on)
+        "n": 8,  # paths sampled per problem
+        "mode": "cot",  # cot | tir
+        "write": "sft",  # sft | rm
+        "keep": "best",  # best (RM-best verified path) | all (every verified path)
+        "batch_size": 16,  # problems per sampler call
+        "max_new_tokens": 256,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "rm_checkpoint": "",
+        "decontam_sets": "",  # benchmark names, e.g. math500,gsm8k
+        "decontam_synthetic": 2000,  # synthetic test questions to decontaminate against
+        "rounds": 1,  # > 1: online rejection fine-tuning (synth -> SFT -> ...)
+        "out": "",
+    }
     # The TPU topology a config is sized for (documentation and --compile_only default).
     c.topology = ""
     return c
