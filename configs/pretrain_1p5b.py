@@ -15,8 +15,8 @@ sharded (FSDP) over the 16 chips of a v6e-16, full rematerialisation, 32 micro-b
 init.hf_dir (weights and tokenizer.json) and data.sources (records with a `text` field) are
 placeholders to override.
 
-Expected (--compile_only on a 2-core CPU host): compiles in about a minute and fits in the
-32 GiB HBM per v6e chip with over 10% spare, exit code 0.
+Expected (--compile_only on a 2-core CPU host): compiles in 2-5 minutes and fits in
+the 32 GiB HBM per v6e chip with over 10% spare, exit code 0.
 """
 
 from qmath_jax.run_config import base

@@ -16,7 +16,7 @@ base checkpoint's weights.
 init.hf_dir (weights and tokenizer.json) and data.sources (records with a `text` field;
 JSONL, Parquet or ArrayRecord) are placeholders to override.
 
-Expected (--compile_only on a 2-core CPU host): compiles in about 3 minutes and fits: about
+Expected (--compile_only on a 2-core CPU host): compiles in 3-5 minutes and fits: about
 57 GiB of the 95 GiB HBM per v5p chip (40% spare), exit code 0.
 """
 

@@ -14,8 +14,8 @@ sharded (FSDP) over the 16 chips of a v5p-32, full rematerialisation, 16 micro-b
 init.hf_dir (weights and tokenizer.json) and data.sources (records with a `text` field) are
 placeholders to override.
 
-Expected (--compile_only on a 2-core CPU host): compiles in about a minute and fits in the
-95 GiB HBM per v5p chip with over 10% spare, exit code 0.
+Expected (--compile_only on a 2-core CPU host): compiles in 2-5 minutes and fits in
+the 95 GiB HBM per v5p chip with over 10% spare, exit code 0.
 """
 
 from qmath_jax.run_config import base

@@ -17,8 +17,8 @@ init.checkpoint (our SFT run; init.hf_dir takes an HF model instead) and data.so
 ({question, responses: [6], labels: [6]} records, the synth stage's RM output) are
 placeholders to override.
 
-Expected (--compile_only on a 2-core CPU host): compiles in about a minute and fits in the
-95 GiB HBM per v5p chip with over 10% spare, exit code 0.
+Expected (--compile_only on a 2-core CPU host): compiles in 2-5 minutes and fits in
+the 95 GiB HBM per v5p chip with over 10% spare, exit code 0.
 """
 
 from qmath_jax.run_config import base

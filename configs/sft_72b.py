@@ -14,8 +14,8 @@ init.hf_dir (the base model, tokenizer beside it) and data.sources ({question, r
 mode} records, e.g. a synth round's output) are placeholders to override. train.steps is
 3 epochs of 1.2M packed rows (3 * 1.2M / 256); set it to 3 * rows / 256 for your data.
 
-Expected (--compile_only on a 2-core CPU host): compiles in about 3 minutes and fits: about
-46 GiB of the 95 GiB HBM per v5p chip (over half spare), exit code 0.
+Expected (--compile_only on a 2-core CPU host): compiles in 3-5 minutes and fits: about
+57 GiB of the 95 GiB HBM per v5p chip (40% spare), exit code 0.
 """
 
 from qmath_jax.run_config import base

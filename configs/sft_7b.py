@@ -14,8 +14,8 @@ init.hf_dir (the base model, tokenizer beside it) and data.sources ({question, r
 mode} records, e.g. a synth round's output) are placeholders to override. train.steps is
 3 epochs of 1.2M packed rows (3 * 1.2M / 128); set it to 3 * rows / 128 for your data.
 
-Expected (--compile_only on a 2-core CPU host): compiles in about a minute and fits in the
-95 GiB HBM per v5p chip with over 10% spare, exit code 0.
+Expected (--compile_only on a 2-core CPU host): compiles in 2-5 minutes and fits in
+the 95 GiB HBM per v5p chip with over 10% spare, exit code 0.
 """
 
 from qmath_jax.run_config import base

@@ -16,8 +16,8 @@
 # the full usage.
 set -euo pipefail
 
-SCRIPT="$(basename "$0")"
-REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SCRIPT="$(basename "${BASH_SOURCE[0]}")"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly SCRIPT REPO_ROOT
 # \$HOME is expanded by the remote shell, on every host.
 readonly REMOTE_DIR="\$HOME/qmath_jax"
@@ -146,7 +146,8 @@ copy_to_all_hosts() {  # copy_to_all_hosts LOCAL_FILE (lands in the remote home 
 
 cmd_create() {
   [[ -n "$ACCEL" ]] || die "create needs --accelerator-type (e.g. v5p-128)"
-  local version="${VERSION:-$(runtime_version_for "$ACCEL")}"
+  local version="$VERSION"
+  if [[ -z "$version" ]]; then version="$(runtime_version_for "$ACCEL")"; fi
   local capacity=()
   if [[ "$SPOT" == 1 ]]; then capacity+=(--spot); fi
   if [[ "$RESERVED" == 1 ]]; then capacity+=(--reserved); fi
@@ -327,4 +328,7 @@ main() {
   esac
 }
 
-main "$@"
+# Sourcing the file (tests) defines the functions without running a command.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

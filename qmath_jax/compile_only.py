@@ -350,23 +350,45 @@ def compiled_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+_OOM_RE = re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _oom_report(message: str, hbm_bytes: float) -> dict:
+    """The report of a compile that XLA stopped for want of HBM (RESOURCE_EXHAUSTED)."""
+    m = _OOM_RE.search(message)
+    scale = {"K": 2**10, "M": 2**20, "G": GIB, "T": 2**40}
+    need = float(m.group(1)) * scale[m.group(2)] if m else float("nan")
+    have = float(m.group(3)) * scale[m.group(4)] if m else hbm_bytes
+    return {
+        "fits": False,
+        "oom": message.strip().splitlines()[0][:500],
+        "total_bytes": need,
+        "hbm_bytes": have,
+        "spare_fraction": 1 - need / have,
+    }
+
+
 def compile_target(target: Target, mesh, hbm_bytes: float) -> dict:
     """Lowers and compiles `target` on `mesh`; returns the report dict."""
+    import jax
+
     from qmath_jax import parallel
 
     t0 = time.perf_counter()
     with mesh, parallel.axis_rules():
         lowered = target.fn.lower(*target.args)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    report = {
-        "target": target.name,
-        "lower_s": round(t1 - t0, 2),
-        "compile_s": round(t2 - t1, 2),
-        "flops_per_device": compiled_flops(compiled),
-        "tpu_custom_calls": compiled.as_text().count("tpu_custom_call"),
-    }
+    report = {"target": target.name, "lower_s": round(t1 - t0, 2)}
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        report["compile_s"] = round(time.perf_counter() - t1, 2)
+        return {**report, **_oom_report(str(e), hbm_bytes)}
+    report["compile_s"] = round(time.perf_counter() - t1, 2)
+    report["flops_per_device"] = compiled_flops(compiled)
+    report["tpu_custom_calls"] = compiled.as_text().count("tpu_custom_call")
     report.update(memory_report(compiled.memory_analysis(), hbm_bytes))
     if target.tokens and target.model_cfg is not None:
         from qmath_jax.stages import common
@@ -376,12 +398,25 @@ def compile_target(target: Target, mesh, hbm_bytes: float) -> dict:
     return report
 
 
+_ADVICE = (
+    "shard wider (mesh.fsdp), raise train.grad_accum, use model.remat=full, or a bigger topology"
+)
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if abs(n) >= GIB / 100 else f"{n / 2**20:.2f} MiB"
 
 
 def format_report(r: dict) -> str:
     """Human-readable lines of one target's report."""
+    head = f"  {r['target']}: lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s"
+    if "oom" in r:  # XLA refused to build it: the temporaries alone exceed HBM
+        over = r["total_bytes"] - r["hbm_bytes"]
+        return (
+            f"{head}\n    DOES NOT FIT: needs {_gib(over)} more per device: XLA's "
+            f"temporaries need {_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])} usable HBM "
+            f"({r['oom']}); {_ADVICE}"
+        )
     spare = r["hbm_bytes"] - r["total_bytes"]
     flops = f"{r['flops_per_device']:.4g} compiled"
     if r.get("model_flops_per_device"):
@@ -405,8 +440,7 @@ def format_report(r: dict) -> str:
         over = r["total_bytes"] - r["hbm_bytes"]
         lines.append(
             f"    DOES NOT FIT: needs {_gib(over)} more per device "
-            f"({100 * over / r['hbm_bytes']:.1f}% over); shard wider (mesh.fsdp), "
-            f"raise train.grad_accum, use model.remat=full, or a bigger topology"
+            f"({100 * over / r['hbm_bytes']:.1f}% over); {_ADVICE}"
         )
     return "\n".join(lines)
 

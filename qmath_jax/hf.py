@@ -189,8 +189,10 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
-    """An HF `config.json` dict for `cfg`."""
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32", eos_id: int | None = None) -> dict:
+    """An HF `config.json` dict for `cfg`; Qwen's <|endoftext|> id unless `eos_id` is given."""
+    if eos_id is None and cfg.vocab_size > 151643:
+        eos_id = 151643
     arch = "Qwen2ForRewardModel" if cfg.head == "rm" else "Qwen2ForCausalLM"
     return {
         "architectures": [arch],
@@ -211,8 +213,8 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
         "attention_dropout": 0.0,
         "initializer_range": cfg.init_std,
         "torch_dtype": torch_dtype,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
     }
 
 
@@ -406,7 +408,8 @@ def save(config: ModelConfig, params: dict, out_dir: str, tokenizer=None,
         total += nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_json(os.path.join(out_dir, INDEX_FILE), index)
-    _write_json(os.path.join(out_dir, "config.json"), config_to_hf(config, dtype))
+    eos_id = getattr(tokenizer, "eos_id", None)
+    _write_json(os.path.join(out_dir, "config.json"), config_to_hf(config, dtype, eos_id))
     if tokenizer is not None:
         tokenizer.save(out_dir)
 
@@ -462,8 +465,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"imported {args.hf_dir} -> {args.out}")
     else:
         cfg, params = checkpoint.load_params(args.checkpoint)
-        save(cfg, params, args.out, dtype=args.dtype)
+        save(cfg, params, args.out, tokenizer=_tokenizer_beside(args.checkpoint),
+             dtype=args.dtype)
         print(f"exported {args.checkpoint} -> {args.out}")
+
+
+def _tokenizer_beside(directory: str):
+    """The run's tokenizer (tokenizer.json in the checkpoint dir), shipped with the export."""
+    if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+        return None
+    from qmath_jax.data.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(directory)
 
 
 if __name__ == "__main__":

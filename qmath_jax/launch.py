@@ -14,7 +14,6 @@ import importlib.resources
 import os
 import sys
 
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
 def config_path(name: str) -> str:
@@ -48,6 +47,9 @@ def _rewrite_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "--compile_only" in (argv or sys.argv):  # AOT for a topology: no TPU metadata server
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -7,22 +7,15 @@ refuses for unknown keys.
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
-
-from qmath_jax.model.config import ModelConfig
 
 STAGES = ("forward", "pretrain", "sft", "rm", "grpo", "synth", "eval", "demo")
 
 
 def _model_defaults() -> dict:
-    # Every ModelConfig field is overridable; preset fills them unless set here.
-    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-              if f.default is not dataclasses.MISSING}
-    fields = {k: v for k, v in fields.items() if k in (
-        "dtype", "param_dtype", "remat", "attention_impl", "scan_unroll")}
-    return {"preset": "tiny", "vocab_size": 0, **fields}
+    # Empty / 0 keeps the preset's value; anything else overrides that ModelConfig field.
+    return {"preset": "tiny", "vocab_size": 0, "dtype": "", "param_dtype": "", "remat": "",
+            "attention_impl": "", "scan_unroll": 0}
 
 
 def base(stage: str) -> ml_collections.ConfigDict:

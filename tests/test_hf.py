@@ -127,3 +127,20 @@ def test_wrong_config_is_refused(tmp_path):
     os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json"):
         hf.load(str(tmp_path))
+
+
+def test_cli_import_then_export_round_trips(tmp_path):
+    import subprocess
+    import sys
+
+    import transformers
+
+    model = tiny_qwen2(str(tmp_path / "hf"), tied=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for args in (["import", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")],
+                 ["export", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]):
+        subprocess.run([sys.executable, "-m", "qmath_jax.hf", *args], check=True, env=env,
+                       capture_output=True, timeout=300)
+    back = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
+    tokens = np.random.default_rng(4).integers(0, 256, (1, 10))
+    np.testing.assert_allclose(torch_logits(back, tokens), torch_logits(model, tokens), atol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -23,16 +24,28 @@ NOTEBOOK = LAUNCH / "colab_demo.ipynb"
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
 STAGES_TO_COVER = {"pretrain", "sft", "rm", "grpo", "eval"}
 
-# `--config NAME` (not `--config.key=`); names are lower case, placeholders upper case.
-CONFIG_NAME = re.compile(r"--config[ =]([a-z][a-z0-9_]*)\b")
+# `--config NAME` (not `--config.key=`, not a path); names are lower case, placeholders
+# upper case.
+CONFIG_NAME = re.compile(r"--config[ =]([a-z][a-z0-9_]*)(?![\w./])")
 OVERRIDE = re.compile(r"--config\.([A-Za-z0-9_.]+)=(\S*)")
 TOPOLOGY = re.compile(r"--topology[ =](\S+)")
 ACCELERATOR = re.compile(r"--accelerator-type[ =]([a-z0-9-]+)")
 
 
+@pytest.fixture(autouse=True)
+def no_real_gcloud(tmp_path, monkeypatch):
+    """A `gcloud` first on PATH that fails: a test must never reach the real one."""
+    stub = tmp_path / "guard_bin" / "gcloud"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\necho 'test reached gcloud' >&2\nexit 99\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
+
+
 def bash(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=30,
-                          check=check, cwd=ROOT)
+    return subprocess.run(
+        ["bash", *args], capture_output=True, text=True, timeout=30, check=check, cwd=ROOT
+    )
 
 
 def notebook() -> dict:
@@ -48,16 +61,18 @@ def cell_source(cell: dict) -> str:
 def documents() -> dict[str, str]:
     """Every text a user copies commands from: the guide, the scripts, the notebook."""
     docs = {str(p.relative_to(ROOT)): p.read_text() for p in [GUIDE, *SCRIPTS]}
-    docs[str(NOTEBOOK.relative_to(ROOT))] = "\n".join(
-        cell_source(c) for c in notebook()["cells"])
+    docs[str(NOTEBOOK.relative_to(ROOT))] = "\n".join(cell_source(c) for c in notebook()["cells"])
     return docs
 
 
 def launch_commands(text: str) -> list[str]:
     """`python -m qmath_jax.launch ...` command lines, backslash continuations joined."""
     joined = re.sub(r"\\\n\s*", " ", text)
-    return [line[line.index("qmath_jax.launch"):] for line in joined.splitlines()
-            if "qmath_jax.launch" in line]
+    return [
+        line[line.index("qmath_jax.launch") :]
+        for line in joined.splitlines()
+        if "qmath_jax.launch" in line
+    ]
 
 
 def load_config(name: str):
@@ -85,8 +100,13 @@ def test_script_parses_and_is_strict(script):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_is_clean():
-    result = subprocess.run(["shellcheck", "-s", "bash", *map(str, SCRIPTS)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["shellcheck", "-s", "bash", *map(str, SCRIPTS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -107,51 +127,124 @@ def printed_commands(stdout: str) -> list[list[str]]:
 
 
 def tpu(*args: str) -> list[list[str]]:
-    result = bash(str(LAUNCH / "tpu_vm.sh"), *args, "--dry-run")
+    result = bash(str(LAUNCH / "tpu_vm.sh"), args[0], "--dry-run", *args[1:])
     assert result.returncode == 0, result.stderr
     return printed_commands(result.stdout)
 
 
-@pytest.mark.parametrize("accelerator, version", [
-    ("v5p-128", "v2-alpha-tpuv5"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
-    ("v6e-256", "v2-alpha-tpuv6e"), ("v4-64", "tpu-ubuntu2204-base")])
+@pytest.mark.parametrize(
+    "accelerator, version",
+    [
+        ("v5p-128", "v2-alpha-tpuv5"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v6e-256", "v2-alpha-tpuv6e"),
+        ("v4-64", "tpu-ubuntu2204-base"),
+    ],
+)
 def test_tpu_create_one_slice(accelerator, version):
-    [cmd] = tpu("create", "--name", "qm", "--zone", "us-east5-a",
-                "--accelerator-type", accelerator)
-    assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "create", "qm", "--zone", "us-east5-a",
-                   "--accelerator-type", accelerator, "--version", version]
+    [cmd] = tpu("create", "--name", "qm", "--zone", "us-east5-a", "--accelerator-type", accelerator)
+    assert cmd == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "qm",
+        "--zone",
+        "us-east5-a",
+        "--accelerator-type",
+        accelerator,
+        "--version",
+        version,
+    ]
 
 
 def test_tpu_create_multislice_is_a_queued_resource():
-    [cmd] = tpu("create", "--name", "qm", "--zone", "z", "--project", "p",
-                "--accelerator-type", "v5p-128", "--num-slices", "4", "--spot")
-    assert cmd[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "qm"]
-    flags = dict(zip(cmd[6::2], cmd[7::2]))
-    assert flags == {"--zone": "z", "--project": "p", "--accelerator-type": "v5p-128",
-                     "--runtime-version": "v2-alpha-tpuv5", "--node-count": "4",
-                     "--node-prefix": "qm", "--spot": flags.get("--spot")}
-    assert cmd[-1] == "--spot"
+    [cmd] = tpu(
+        "create",
+        "--name",
+        "qm",
+        "--zone",
+        "z",
+        "--project",
+        "p",
+        "--accelerator-type",
+        "v5p-128",
+        "--num-slices",
+        "4",
+        "--spot",
+    )
+    assert cmd == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "create",
+        "qm",
+        "--zone",
+        "z",
+        "--project",
+        "p",
+        "--accelerator-type",
+        "v5p-128",
+        "--runtime-version",
+        "v2-alpha-tpuv5",
+        "--node-count",
+        "4",
+        "--node-prefix",
+        "qm",
+        "--spot",
+    ]
 
 
 def test_tpu_unknown_accelerator_asks_for_version():
-    result = bash(str(LAUNCH / "tpu_vm.sh"), "create", "--name", "qm", "--zone", "z",
-                  "--accelerator-type", "v9x-8", "--dry-run")
+    result = bash(
+        str(LAUNCH / "tpu_vm.sh"),
+        "create",
+        "--name",
+        "qm",
+        "--zone",
+        "z",
+        "--accelerator-type",
+        "v9x-8",
+        "--dry-run",
+    )
     assert result.returncode == 2 and "pass --version" in result.stderr
 
 
 def test_tpu_run_reaches_every_host_and_keeps_arguments_whole():
-    overrides = ["--config.init.hf_dir=/dev/shm/Qwen2.5-Math-72B",
-                 "--config.data.sources=/data/a b.jsonl=3,/data/c.jsonl=1"]
-    [cmd] = tpu("run", "--name", "qm", "--zone", "z", "--config", "sft_72b",
-                "--workdir", "gs://bucket/runs/sft_72b", "--", *overrides)
+    overrides = [
+        "--config.init.hf_dir=/dev/shm/Qwen2.5-Math-72B",
+        "--config.data.sources=/data/a b.jsonl=3,/data/c.jsonl=1",
+    ]
+    [cmd] = tpu(
+        "run",
+        "--name",
+        "qm",
+        "--zone",
+        "z",
+        "--config",
+        "sft_72b",
+        "--workdir",
+        "gs://bucket/runs/sft_72b",
+        "--",
+        *overrides,
+    )
     assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "qm"]
-    assert cmd[cmd.index("--worker") if "--worker" in cmd else -1] == "--worker=all" or \
-        "--worker=all" in cmd
+    assert "--worker=all" in cmd
     remote = cmd[cmd.index("--command") + 1]
     assert bash("-n", "-c", remote).returncode == 0  # the remote shell can parse it
-    launch = remote[remote.index("python3 -m qmath_jax.launch"):remote.index(" 2>&1")]
-    assert shlex.split(launch) == ["python3", "-m", "qmath_jax.launch", "--config", "sft_72b",
-                                   "--workdir", "gs://bucket/runs/sft_72b", *overrides]
+    launch = remote[remote.index("python3 -m qmath_jax.launch") : remote.index(" 2>&1")]
+    assert shlex.split(launch) == [
+        "python3",
+        "-m",
+        "qmath_jax.launch",
+        "--config",
+        "sft_72b",
+        "--workdir",
+        "gs://bucket/runs/sft_72b",
+        *overrides,
+    ]
 
 
 def test_tpu_multislice_commands_address_all_slices():
@@ -174,36 +267,63 @@ def test_tpu_install_copies_the_checkout_then_installs_the_tpu_extra():
 def test_tpu_source_tarball_holds_the_package(tmp_path):
     """The function `install` ships with, run for real: the archive has the package."""
     out = tmp_path / "src.tar.gz"
-    script = (f"source <(sed '/^main \"\\$@\"$/d' {LAUNCH / 'tpu_vm.sh'}); "
-              f"source_tarball {out}")
-    bash("-c", script, check=True)
-    listing = subprocess.run(["tar", "-tzf", str(out)], capture_output=True, text=True,
-                             check=True).stdout.split()
+    bash("-c", f"source {LAUNCH / 'tpu_vm.sh'} && source_tarball {out}", check=True)
+    listing = subprocess.run(
+        ["tar", "-tzf", str(out)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert "pyproject.toml" in listing and "qmath_jax/launch.py" in listing
     assert not any(name.startswith(".git/") for name in listing)
 
 
 def gpu(*args: str) -> subprocess.CompletedProcess:
-    return bash(str(LAUNCH / "gpu_node.sh"), *args, "--dry-run")
+    return bash(str(LAUNCH / "gpu_node.sh"), args[0], "--dry-run", *args[1:])
 
 
 def test_gpu_multinode_sets_the_jax_distributed_environment():
-    result = gpu("multinode", "--coordinator", "10.0.0.1:8476", "--num-nodes", "2",
-                 "--node-rank", "1", "--gpus", "4", "--config", "sft_tiny", "--workdir",
-                 "/shared/runs/x", "--", "--config.train.steps=5")
+    result = gpu(
+        "multinode",
+        "--coordinator",
+        "10.0.0.1:8476",
+        "--num-nodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--gpus",
+        "4",
+        "--config",
+        "sft_tiny",
+        "--workdir",
+        "/shared/runs/x",
+        "--",
+        "--config.train.steps=5",
+    )
     assert result.returncode == 0, result.stderr
     [cmd] = printed_commands(result.stdout)
-    assert cmd == ["env", "JAX_COORDINATOR_ADDRESS=10.0.0.1:8476", "JAX_NUM_PROCESSES=2",
-                   "JAX_PROCESS_ID=1", "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "python3", "-m",
-                   "qmath_jax.launch", "--config", "sft_tiny", "--workdir", "/shared/runs/x",
-                   "--config.train.steps=5"]
+    assert cmd == [
+        "env",
+        "JAX_COORDINATOR_ADDRESS=10.0.0.1:8476",
+        "JAX_NUM_PROCESSES=2",
+        "JAX_PROCESS_ID=1",
+        "JAX_LOCAL_DEVICE_IDS=0,1,2,3",
+        "python3",
+        "-m",
+        "qmath_jax.launch",
+        "--config",
+        "sft_tiny",
+        "--workdir",
+        "/shared/runs/x",
+        "--config.train.steps=5",
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--coordinator", "10.0.0.1", "--num-nodes", "2", "--node-rank", "0"], "HOST:PORT"),
-    (["--coordinator", "h:1", "--num-nodes", "2", "--node-rank", "2"], "0 <= R < --num-nodes"),
-    (["--coordinator", "h:1", "--num-nodes", "0", "--node-rank", "0"], "--num-nodes N"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--coordinator", "10.0.0.1", "--num-nodes", "2", "--node-rank", "0"], "HOST:PORT"),
+        (["--coordinator", "h:1", "--num-nodes", "2", "--node-rank", "2"], "0 <= R < --num-nodes"),
+        (["--coordinator", "h:1", "--num-nodes", "0", "--node-rank", "0"], "--num-nodes N"),
+    ],
+)
 def test_gpu_multinode_refuses_a_bad_layout(args, message):
     result = gpu("multinode", *args, "--gpus", "8", "--config", "sft_tiny")
     assert result.returncode == 2 and message in result.stderr
@@ -213,13 +333,27 @@ def test_gpu_run_is_one_process_on_this_node():
     result = gpu("run", "--config", "sft_tiny", "--gpus", "2")
     assert result.returncode == 0, result.stderr
     [cmd] = printed_commands(result.stdout)
-    assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1", "python3", "-m", "qmath_jax.launch",
-                   "--config", "sft_tiny"]
+    assert cmd == [
+        "env",
+        "CUDA_VISIBLE_DEVICES=0,1",
+        "python3",
+        "-m",
+        "qmath_jax.launch",
+        "--config",
+        "sft_tiny",
+    ]
 
 
 def test_slurm_script_requires_a_config():
-    result = subprocess.run(["bash", str(LAUNCH / "slurm_gpu.sbatch")], capture_output=True,
-                            text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    env = {k: v for k, v in os.environ.items() if k != "CONFIG"}
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "slurm_gpu.sbatch")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 2 and "set CONFIG" in result.stderr
 
 
@@ -246,8 +380,11 @@ def test_notebook_code_cells_compile():
     for i, cell in enumerate(notebook()["cells"]):
         if cell["cell_type"] != "code":
             continue
-        python = "\n".join(line for line in cell_source(cell).splitlines()
-                           if not line.lstrip().startswith(("!", "%")))
+        python = "\n".join(
+            line
+            for line in cell_source(cell).splitlines()
+            if not line.lstrip().startswith(("!", "%"))
+        )
         compile(python, f"colab_demo.ipynb cell {i}", "exec")
 
 
@@ -268,14 +405,19 @@ def referenced_configs() -> dict[str, set[str]]:
 
 def test_every_referenced_config_exists():
     refs = referenced_configs()
-    missing = {f"{doc}: {name}" for doc, names in refs.items() for name in names
-               if not (ROOT / "configs" / f"{name}.py").is_file()}
+    missing = {
+        f"{doc}: {name}"
+        for doc, names in refs.items()
+        for name in names
+        if not (ROOT / "configs" / f"{name}.py").is_file()
+    }
     assert not missing, f"configs named but not in configs/: {sorted(missing)}"
     assert "demo" in refs["launch/colab_demo.ipynb"]
 
 
 def test_the_guide_covers_every_stage():
-    stages = {load_config(name).stage for name in referenced_configs()["docs/guide.md"]}
+    names = referenced_configs()["docs/guide.md"]
+    stages = {load_config(n).stage for n in names if (ROOT / "configs" / f"{n}.py").is_file()}
     assert STAGES_TO_COVER <= stages, f"guide lacks a config for {STAGES_TO_COVER - stages}"
 
 
@@ -286,6 +428,9 @@ def test_every_override_names_a_key_of_its_config():
             names = CONFIG_NAME.findall(cmd)
             if not names:
                 continue  # the config is a shell variable
+            if not (ROOT / "configs" / f"{names[0]}.py").is_file():
+                bad.append(f"{doc}: config {names[0]} does not exist")
+                continue
             cfg = load_config(names[0])
             for key, value in OVERRIDE.findall(cmd):
                 node = cfg
@@ -313,6 +458,15 @@ def test_every_topology_and_accelerator_in_the_guide_is_real():
     for topo in topologies:
         parse_topology(topo)
     for accel in set(ACCELERATOR.findall(text)):
-        result = bash(str(LAUNCH / "tpu_vm.sh"), "create", "--name", "x", "--zone", "z",
-                      "--accelerator-type", accel, "--dry-run")
+        result = bash(
+            str(LAUNCH / "tpu_vm.sh"),
+            "create",
+            "--name",
+            "x",
+            "--zone",
+            "z",
+            "--accelerator-type",
+            accel,
+            "--dry-run",
+        )
         assert result.returncode == 0, f"{accel}: {result.stderr}"

@@ -96,6 +96,11 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=512, embed_dim=64, mlp_dim=176, num_layers=2, num_heads=4,
         num_kv_heads=2, dtype="float32", remat="none", max_positions=1024,
     ),
+    # The CPU demo's model: big enough to learn the synthetic corpus in minutes.
+    "demo": ModelConfig(
+        vocab_size=512, embed_dim=128, mlp_dim=384, num_layers=4, num_heads=4,
+        num_kv_heads=2, dtype="float32", remat="none", max_positions=1024,
+    ),
     "tiny-rm": ModelConfig(
         vocab_size=512, embed_dim=64, mlp_dim=176, num_layers=2, num_heads=4,
         num_kv_heads=2, dtype="float32", remat="none", max_positions=1024, head="rm",

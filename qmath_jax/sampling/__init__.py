@@ -13,18 +13,37 @@ _EXPORTS = {
     "decode_step": "sampler",
     "generate": "sampler",
     "kv_cache_bytes_per_token": "sampler",
+    "layer_params": "sampler",
     "lm_head_logits": "sampler",
     "make_generate_fn": "sampler",
     "prefill": "sampler",
     "sample_logits": "sampler",
     "sample_tokens": "sampler",
+    "split_cache": "sampler",
     "stop_string_patterns": "sampler",
     "token_logprobs": "sampler",
     "Trajectory": "tir",
     "run_tir": "tir",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "STOP_REASONS",
+    "Completion",
+    "Trajectory",
+    "decode_step",
+    "generate",
+    "kv_cache_bytes_per_token",
+    "layer_params",
+    "lm_head_logits",
+    "make_generate_fn",
+    "prefill",
+    "run_tir",
+    "sample_logits",
+    "sample_tokens",
+    "split_cache",
+    "stop_string_patterns",
+    "token_logprobs",
+]
 
 
 def __getattr__(name: str):

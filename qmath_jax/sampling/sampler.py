@@ -146,9 +146,14 @@ def sample_tokens(
     _check_sampling(temperature, top_p, top_k)
     keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BV.shape[0]))
     return sample_logits(
-        logits_BV, keys_B, max(temperature, 1e-30), top_p,
-        greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0,
-    )  # fmt: skip
+        logits_BV,
+        keys_B,
+        max(temperature, 1e-30),
+        top_p,
+        greedy=temperature == 0.0,
+        top_k=top_k,
+        use_top_p=top_p < 1.0,
+    )
 
 
 def token_logprobs(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
@@ -171,9 +176,11 @@ def lm_head_logits(cfg, params: dict, hidden_BD: jax.Array) -> jax.Array:
     dtype = jnp.dtype(cfg.dtype)
     head_DV = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
     return jnp.einsum(
-        "BD,DV->BV", hidden_BD.astype(dtype), head_DV.astype(dtype),
+        "BD,DV->BV",
+        hidden_BD.astype(dtype),
+        head_DV.astype(dtype),
         preferred_element_type=jnp.float32,
-    )  # fmt: skip
+    )
 
 
 def prefill(
@@ -204,21 +211,172 @@ def prefill(
     segments_PT = (jnp.arange(t)[None, :] < lengths_P[:, None]).astype(jnp.int32)
     positions_PT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_PT.shape)
     (_, hidden_PTD), cache = _model(cfg, mesh).apply(
-        {"params": params}, tokens_PT * segments_PT, positions_PT, segments_PT,
-        cache=cache, return_hidden=True,
-    )  # fmt: skip
+        {"params": params},
+        tokens_PT * segments_PT,
+        positions_PT,
+        segments_PT,
+        cache=cache,
+        return_hidden=True,
+    )
     last_PD = jnp.take_along_axis(hidden_PTD, (lengths_P - 1)[:, None, None], axis=1)[:, 0]
     return lm_head_logits(cfg, params, last_PD), cache
 
 
-def decode_step(cfg, params: dict, tokens_B: jax.Array, cache: dict, mesh=None):
-    """Appends one token per row at cache["end"] and returns ([B, V] logits, cache)."""
-    positions_B1 = cache["end"][:, None]
-    logits_B1V, cache = _model(cfg, mesh).apply(
-        {"params": params}, tokens_B[:, None], positions_B1, jnp.ones_like(positions_B1),
-        cache=cache,
-    )  # fmt: skip
-    return logits_B1V[:, 0], cache
+def split_cache(cache: dict) -> dict:
+    """The model's stacked cache -> one [B, S, K, E] buffer per layer (see `decode_step`)."""
+    layers = cache["k"].shape[0]
+    return {
+        "k": [cache["k"][i] for i in range(layers)],
+        "v": [cache["v"][i] for i in range(layers)],
+        "end": cache["end"],
+    }
+
+
+def layer_params(params: dict) -> list[dict]:
+    """The stacked [L, ...] layer params as L per-layer trees."""
+    layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(layers)]
+
+
+def decode_step(
+    cfg, params: dict, tokens_B: jax.Array, cache: dict, mesh=None, layers: list[dict] | None = None
+) -> tuple[jax.Array, dict]:
+    """Appends one token per row at cache["end"] and returns ([B, V] logits, cache).
+
+    The cache is `split_cache`'s: one [B, S, K, E] buffer per layer. The model's scanned
+    decode slices each layer out of the stacked [L, B, S, K, E] cache and stacks the
+    update back, copying the whole cache several times per token; here each layer's
+    buffer, carried through the decode loop, takes the new entry in place and attention
+    reads it directly. The layer math is `_decode_layer` (the model's decoder layer).
+
+    Args:
+      cfg: the ModelConfig.
+      params: model params (embedding, final norm and LM head are read from it).
+      tokens_B: [B] the previous token of each row.
+      cache: `split_cache` form; row b's token goes to slot end[b], at position end[b].
+      mesh: the mesh the step is compiled for, or None.
+      layers: `layer_params(params)`, to slice the stacked params once outside a loop.
+
+    Returns:
+      ([B, V] float32 logits, the cache with end + 1).
+    """
+    from qmath_jax.model.transformer import RMSNorm
+
+    layers = layer_params(params) if layers is None else layers
+    end_B = cache["end"]
+    x_B1D = jnp.take(params["embedding"], tokens_B[:, None], axis=0).astype(cfg.dtype)
+    x_B1D = _constrain(x_B1D, ("batch", "length", "embed"))
+    new_k, new_v = [], []
+    for i, lp in enumerate(layers):
+        x_B1D, k_BSKE, v_BSKE = _decode_layer(
+            cfg, lp, x_B1D, cache["k"][i], cache["v"][i], end_B, mesh
+        )
+        new_k.append(k_BSKE)
+        new_v.append(v_BSKE)
+    hidden_B1D = RMSNorm(cfg).apply({"params": params["final_norm"]}, x_B1D)
+    logits_BV = lm_head_logits(cfg, params, hidden_B1D[:, 0])
+    return logits_BV, {"k": new_k, "v": new_v, "end": end_B + 1}
+
+
+def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    import flax.linen as nn
+
+    return nn.with_logical_constraint(x, axes)
+
+
+def _decode_layer(cfg, lp: dict, x_B1D, k_BSKE, v_BSKE, end_B, mesh):
+    """One decoder layer for one new token per row: the model's `DecoderLayer` decode path.
+
+    Same params, ops and order as `transformer.Attention` / `DecoderLayer` (norms, RoPE
+    and the MLP are the model's own); it differs in writing the new k/v straight into
+    this layer's buffer and, on the XLA path, in `_blocked_decode_attention`, which reads
+    only the cache blocks some row has filled. Kernel impls go to `decode_attend`.
+    """
+    from qmath_jax.model import attention
+    from qmath_jax.model.transformer import MLP, RMSNorm, rope
+
+    dtype = jnp.dtype(cfg.dtype)
+    a = lp["attn"]
+    positions_B1 = end_B[:, None]
+    h_B1D = RMSNorm(cfg).apply({"params": lp["input_norm"]}, x_B1D).astype(dtype)
+
+    def project(kernel, bias, spec):
+        w = a[kernel].astype(dtype)
+        return jnp.einsum(spec, h_B1D, w) + a[bias].astype(dtype)
+
+    q_B1HE = project("q_kernel", "q_bias", "BTD,DHE->BTHE")
+    k_B1KE = project("k_kernel", "k_bias", "BTD,DKE->BTKE")
+    v_B1KE = project("v_kernel", "v_bias", "BTD,DKE->BTKE")
+    q_B1HE = _constrain(
+        rope(q_B1HE, positions_B1, cfg.rope_theta), ("batch", "length", "heads", "head_dim")
+    )
+    k_B1KE = _constrain(
+        rope(k_B1KE, positions_B1, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim")
+    )
+    rows_B = jnp.arange(end_B.shape[0])
+    k_BSKE = k_BSKE.at[rows_B, end_B].set(k_B1KE[:, 0].astype(k_BSKE.dtype), unique_indices=True)
+    v_BSKE = v_BSKE.at[rows_B, end_B].set(v_B1KE[:, 0].astype(v_BSKE.dtype), unique_indices=True)
+    impl = attention.resolve_impl(cfg.attention_impl, attention.target_platform(mesh))
+    if impl == "xla":
+        out_BHE = _blocked_decode_attention(q_B1HE[:, 0], k_BSKE, v_BSKE, end_B + 1)
+    else:
+        out_BHE = attention.decode_attend(
+            q_B1HE[:, 0], k_BSKE, v_BSKE, end_B + 1, impl=impl, mesh=mesh
+        )
+    attn_B1D = jnp.einsum(
+        "BTHE,HED->BTD", out_BHE[:, None].astype(dtype), a["o_kernel"].astype(dtype)
+    )
+    x_B1D = x_B1D + attn_B1D
+    normed_B1D = RMSNorm(cfg).apply({"params": lp["post_attn_norm"]}, x_B1D)
+    x_B1D = x_B1D + MLP(cfg).apply({"params": lp["mlp"]}, normed_B1D)
+    return _constrain(x_B1D, ("batch", "length", "embed")), k_BSKE, v_BSKE
+
+
+ATTENTION_BLOCK = 64  # cache slots per step of `_blocked_decode_attention`
+
+
+def _blocked_decode_attention(q_BHE, k_BSKE, v_BSKE, lengths_B, block: int = ATTENTION_BLOCK):
+    """Decode attention over only the cache blocks below max(lengths), online softmax.
+
+    Equals `attention.decode_attention_xla` (float32 softmax, E**-0.5 scale after the
+    dot) but a loop with a data-dependent trip count reads ceil(max(lengths) / block)
+    blocks instead of all S slots. Products are formed elementwise and reduced, so the
+    [B, S, K, E] cache is read in place (a dot with K as a batch dimension makes XLA
+    transpose the whole cache first).
+
+    Returns:
+      [B, H, E] in q's dtype.
+    """
+    b, h, e = q_BHE.shape
+    s, kh = k_BSKE.shape[1], k_BSKE.shape[2]
+    if s % block:
+        raise ValueError(f"cache length {s} must be a multiple of the attention block {block}")
+    q_B1KGE = q_BHE.reshape(b, 1, kh, h // kh, e).astype(jnp.float32)
+    neg_inf = jnp.float32(-1e30)
+
+    def body(j, carry):
+        m_BKG, l_BKG, acc_BKGE = carry
+        k_blk = jax.lax.dynamic_slice_in_dim(k_BSKE, j * block, block, axis=1)
+        v_blk = jax.lax.dynamic_slice_in_dim(v_BSKE, j * block, block, axis=1)
+        logits_BsKG = jnp.sum(q_B1KGE * k_blk[:, :, :, None, :].astype(jnp.float32), -1) * (e**-0.5)
+        valid_Bs = (j * block + jnp.arange(block))[None, :] < lengths_B[:, None]
+        logits_BsKG = jnp.where(valid_Bs[:, :, None, None], logits_BsKG, neg_inf)
+        m_new = jnp.maximum(m_BKG, jnp.max(logits_BsKG, axis=1))
+        p_BsKG = jnp.where(valid_Bs[:, :, None, None], jnp.exp(logits_BsKG - m_new[:, None]), 0.0)
+        rescale = jnp.exp(m_BKG - m_new)
+        l_new = l_BKG * rescale + jnp.sum(p_BsKG, axis=1)
+        pv_BKGE = jnp.sum(p_BsKG[..., None] * v_blk[:, :, :, None, :].astype(jnp.float32), axis=1)
+        return m_new, l_new, acc_BKGE * rescale[..., None] + pv_BKGE
+
+    init = (
+        jnp.full((b, kh, h // kh), neg_inf),
+        jnp.zeros((b, kh, h // kh)),
+        jnp.zeros((b, kh, h // kh, e)),
+    )
+    num_blocks = (jnp.max(lengths_B) + block - 1) // block
+    _, l_BKG, acc_BKGE = jax.lax.fori_loop(0, num_blocks, body, init)
+    out_BKGE = acc_BKGE / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
+    return out_BKGE.reshape(b, h, e).astype(q_BHE.dtype)
 
 
 # ----------------------------------------------------------------------------- the jitted loop
@@ -240,22 +398,29 @@ class _Static:
 
 
 def _constrain_cache(cache: dict, mesh) -> dict:
+    """Shards a cache (stacked or split) like the model: rows on data/fsdp, kv heads on tensor."""
     if mesh is None:
         return cache
     from qmath_jax import parallel
     from qmath_jax.model.transformer import CACHE_AXES
 
-    shardings = parallel.logical_to_sharding(
-        {k: jax.sharding.PartitionSpec(*v) for k, v in CACHE_AXES.items()}, mesh
-    )
-    return {k: jax.lax.with_sharding_constraint(cache[k], shardings[k]) for k in cache}
+    specs = {k: jax.sharding.PartitionSpec(*v) for k, v in CACHE_AXES.items()}
+    layer_spec = jax.sharding.PartitionSpec(*CACHE_AXES["k"][1:])  # one layer's [B, S, K, E]
+    shard = functools.partial(parallel.logical_to_sharding, mesh=mesh)
+    out = {"end": jax.lax.with_sharding_constraint(cache["end"], shard(specs["end"]))}
+    for name in ("k", "v"):
+        if isinstance(cache[name], list):
+            out[name] = [
+                jax.lax.with_sharding_constraint(x, shard(layer_spec)) for x in cache[name]
+            ]
+        else:
+            out[name] = jax.lax.with_sharding_constraint(cache[name], shard(specs[name]))
+    return out
 
 
 def _stop_checks(tok_B, recent_BM, ngen_B, stop_ids, patterns_QM, pattern_len_Q):
     """(is a stop token id, ends a stop pattern), each [B] bool."""
     is_eos_B = jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
-    if patterns_QM.shape[0] == 0:
-        return is_eos_B, jnp.zeros_like(is_eos_B)
     slot_hit_BQM = (recent_BM[:, None, :] == patterns_QM[None]) | (patterns_QM[None] < 0)
     hit_BQ = jnp.all(slot_hit_BQM, axis=-1) & (ngen_B[:, None] >= pattern_len_Q[None, :])
     return is_eos_B, jnp.any(hit_BQ, axis=-1)
@@ -293,8 +458,9 @@ def _record(state: dict, tok_B, logp_B, step, max_new, stops) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _generate_chunk(params, tokens_PT, lengths_P, rows, max_new, key, temperature, top_p,
-                    stops, *, st: _Static):  # fmt: skip
+def _generate_chunk(
+    params, tokens_PT, lengths_P, rows, max_new, key, temperature, top_p, stops, *, st: _Static
+):
     """Prefill P rows, repeat each n times, decode until all B = P * n rows finish."""
     from qmath_jax.model.transformer import init_cache
 
@@ -303,9 +469,16 @@ def _generate_chunk(params, tokens_PT, lengths_P, rows, max_new, key, temperatur
     cache = _constrain_cache(init_cache(cfg, p, st.cache_len, st.cache_dtype), mesh)
     logits_PV, cache = prefill(cfg, params, tokens_PT, lengths_P, cache, mesh)
     # The n samples of a prompt share its prefill: repeat the filled cache rows.
-    cache = {"k": jnp.repeat(cache["k"], st.n, axis=1), "v": jnp.repeat(cache["v"], st.n, axis=1),
-             "end": jnp.repeat(cache["end"], st.n, axis=0)}  # fmt: skip
+    # One buffer per layer from here on (see `decode_step`).
+    cache = split_cache(
+        {
+            "k": jnp.repeat(cache["k"], st.n, axis=1),
+            "v": jnp.repeat(cache["v"], st.n, axis=1),
+            "end": jnp.repeat(cache["end"], st.n),
+        }
+    )
     cache = _constrain_cache(cache, mesh)
+    layers = layer_params(params)
     logits_BV = jnp.repeat(logits_PV, st.n, axis=0)
     b = logits_BV.shape[0]
     # Row keys depend on (prompt, sample) only, so batching and padding never change draws.
@@ -317,9 +490,14 @@ def _generate_chunk(params, tokens_PT, lengths_P, rows, max_new, key, temperatur
     def draw(logits_BV, step):
         step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
         tok_B = sample_logits(
-            logits_BV, step_keys_B, temperature, top_p,
-            greedy=st.greedy, top_k=st.top_k, use_top_p=st.use_top_p,
-        )  # fmt: skip
+            logits_BV,
+            step_keys_B,
+            temperature,
+            top_p,
+            greedy=st.greedy,
+            top_k=st.top_k,
+            use_top_p=st.use_top_p,
+        )
         return tok_B, token_logprobs(logits_BV, tok_B)
 
     state = {
@@ -340,7 +518,7 @@ def _generate_chunk(params, tokens_PT, lengths_P, rows, max_new, key, temperatur
 
     def body(carry):
         step, state, cache = carry
-        logits_BV, cache = decode_step(cfg, params, state["last"], cache, mesh)
+        logits_BV, cache = decode_step(cfg, params, state["last"], cache, mesh, layers)
         tok_B, logp_B = draw(logits_BV, step)
         return step + 1, _record(state, tok_B, logp_B, step, max_new, stops), cache
 
@@ -403,14 +581,29 @@ def _first_prefix_containing(tokenizer, ids: Sequence[int], strings: Sequence[st
     return lo
 
 
-def _pattern_arrays(tokenizer, stop_strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """[Q, M] right-aligned patterns (-1 = any token on the left) and [Q] lengths."""
+_NEVER = 1 << 30  # length of a padding pattern row: no row ever generates that many
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return max(multiple, -(-x // multiple) * multiple)
+
+
+def _stop_arrays(tokenizer, stop_token_ids: Sequence[int], stop_strings: Sequence[str]):
+    """Stop ids [I], right-aligned patterns [Q, M] (-1 = any token) and lengths [Q].
+
+    Sizes are padded to multiples of 4 / 8 / 4 (ids with -1, pattern rows with length
+    _NEVER) so calls with different stops share one compiled program.
+    """
+    ids = np.full(_round_up(len(stop_token_ids), 4), -1, np.int32)  # -1 never matches
+    ids[: len(stop_token_ids)] = stop_token_ids
     patterns = [p for s in stop_strings for p in stop_string_patterns(tokenizer, s)]
-    width = max((len(p) for p in patterns), default=1)
-    table = np.full((len(patterns), width), -1, np.int32)
+    width = _round_up(max((len(p) for p in patterns), default=1), 4)
+    table = np.full((_round_up(len(patterns), 8), width), -1, np.int32)
+    lengths = np.full(table.shape[0], _NEVER, np.int32)
     for q, pat in enumerate(patterns):
         table[q, width - len(pat) :] = pat
-    return table, np.array([len(p) for p in patterns], np.int32)
+        lengths[q] = len(pat)
+    return ids, table, lengths
 
 
 # ----------------------------------------------------------------------------- host side
@@ -422,6 +615,11 @@ def _bucket(x: int, minimum: int = 16) -> int:
     if x <= 1024:
         return 1 << (x - 1).bit_length()
     return -(-x // 512) * 512
+
+
+def _cache_len(prompt_len: int, buf_len: int) -> int:
+    """Cache slots for a prompt bucket and a new-token buffer, whole attention blocks."""
+    return -(-(prompt_len + buf_len) // ATTENTION_BLOCK) * ATTENTION_BLOCK
 
 
 def _batch_bucket(x: int, multiple: int) -> int:
@@ -446,8 +644,9 @@ def _check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
 
 
-def _check_inputs(cfg, prompts, max_new_tokens, n, stop_token_ids, stop_strings, tokenizer,
-                  max_batch) -> list[list[int]]:  # fmt: skip
+def _check_inputs(
+    cfg, prompts, max_new_tokens, n, stop_token_ids, stop_strings, tokenizer, max_batch
+) -> list[list[int]]:
     if cfg.head != "lm":
         raise ValueError(f"generate needs a language-model head; this config has head={cfg.head!r}")
     if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
@@ -529,8 +728,9 @@ def generate(
     stop_token_ids = tuple(int(t) for t in stop_token_ids)
     stop_strings = tuple(stop_strings)
     _check_sampling(temperature, top_p, top_k)
-    prompts = _check_inputs(model_cfg, prompts, max_new_tokens, n, stop_token_ids,
-                            stop_strings, tokenizer, max_batch)  # fmt: skip
+    prompts = _check_inputs(
+        model_cfg, prompts, max_new_tokens, n, stop_token_ids, stop_strings, tokenizer, max_batch
+    )
     if key is None:
         key = jax.random.key(0)
     multiple = 1
@@ -539,12 +739,7 @@ def generate(
 
         multiple = parallel.data_parallel_size(mesh)
         params = jax.device_put(params, _param_shardings(model_cfg, mesh))
-    patterns_QM, pattern_len_Q = (
-        _pattern_arrays(tokenizer, stop_strings) if stop_strings else
-        (np.zeros((0, 1), np.int32), np.zeros((0,), np.int32))
-    )  # fmt: skip
-    stop_ids = np.array(stop_token_ids or (-1,), np.int32)  # -1 never matches a token
-    stops = (jnp.asarray(stop_ids), jnp.asarray(patterns_QM), jnp.asarray(pattern_len_Q))
+    stops = tuple(jnp.asarray(x) for x in _stop_arrays(tokenizer, stop_token_ids, stop_strings))
     buf_len = _bucket(max_new_tokens)
     greedy = temperature == 0.0
     rows_per_unit, chunks = _units(len(prompts), n, max_batch)
@@ -553,14 +748,28 @@ def generate(
         p_rows = _batch_bucket(len(chunk), multiple)
         t_len = _bucket(max(len(prompts[p]) for p, _, _ in chunk))
         st = _Static(
-            cfg=model_cfg, mesh=mesh, n=rows_per_unit, buf_len=buf_len,
-            cache_len=t_len + buf_len,
+            cfg=model_cfg,
+            mesh=mesh,
+            n=rows_per_unit,
+            buf_len=buf_len,
+            cache_len=_cache_len(t_len, buf_len),
             cache_dtype=str(jnp.dtype(cache_dtype or model_cfg.dtype)),
-            greedy=greedy, top_k=top_k, use_top_p=top_p < 1.0,
-        )  # fmt: skip
+            greedy=greedy,
+            top_k=top_k,
+            use_top_p=top_p < 1.0,
+        )
         tokens_PT, lengths_P, rows = _chunk_arrays(prompts, chunk, p_rows, t_len, rows_per_unit)
-        args = (params, tokens_PT, lengths_P, rows, np.int32(max_new_tokens), key,
-                np.float32(max(temperature, 1e-30)), np.float32(top_p), stops)  # fmt: skip
+        args = (
+            params,
+            tokens_PT,
+            lengths_P,
+            rows,
+            np.int32(max_new_tokens),
+            key,
+            np.float32(max(temperature, 1e-30)),
+            np.float32(top_p),
+            stops,
+        )
         out = _run(args, st, mesh)
         _collect(out, rows, tokenizer, stop_strings, results)
     return [results[(p, s)] for p in range(len(prompts)) for s in range(n)]
@@ -572,7 +781,7 @@ def _run(args, st: _Static, mesh):
     else:
         from qmath_jax import parallel
 
-        with mesh, parallel.axis_rules():
+        with jax.set_mesh(mesh), parallel.axis_rules():
             out = _generate_chunk(*args, st=st)
     return jax.device_get(out)
 
@@ -581,8 +790,11 @@ def _chunk_arrays(prompts, chunk, p_rows: int, t_len: int, rows_per_unit: int):
     tokens_PT = np.zeros((p_rows, t_len), np.int32)
     lengths_P = np.ones((p_rows,), np.int32)  # padding rows: one dummy token
     b = p_rows * rows_per_unit
-    rows = {"prompt": np.zeros(b, np.int32), "sample": np.zeros(b, np.int32),
-            "valid": np.zeros(b, bool)}  # fmt: skip
+    rows = {
+        "prompt": np.zeros(b, np.int32),
+        "sample": np.zeros(b, np.int32),
+        "valid": np.zeros(b, bool),
+    }
     for u, (p, s0, count) in enumerate(chunk):
         tokens_PT[u, : len(prompts[p])] = prompts[p]
         lengths_P[u] = len(prompts[p])
@@ -654,12 +866,22 @@ def make_generate_fn(
 
     def generate_fn(prompts, max_new_tokens: int, stop: Sequence[str]) -> list[Completion]:
         return generate(
-            model_cfg, params, prompts, max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, n=1,
-            stop_token_ids=stop_token_ids, stop_strings=tuple(stop), tokenizer=tokenizer,
-            key=jax.random.fold_in(base_key, next(calls)), mesh=mesh, max_batch=max_batch,
+            model_cfg,
+            params,
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            n=1,
+            stop_token_ids=stop_token_ids,
+            stop_strings=tuple(stop),
+            tokenizer=tokenizer,
+            key=jax.random.fold_in(base_key, next(calls)),
+            mesh=mesh,
+            max_batch=max_batch,
             cache_dtype=cache_dtype,
-        )  # fmt: skip
+        )
 
     return generate_fn
 
@@ -676,11 +898,13 @@ __all__ = [
     "decode_step",
     "generate",
     "kv_cache_bytes_per_token",
+    "layer_params",
     "lm_head_logits",
     "make_generate_fn",
     "prefill",
     "sample_logits",
     "sample_tokens",
+    "split_cache",
     "stop_string_patterns",
     "token_logprobs",
 ]

@@ -25,7 +25,7 @@ def model_config(cfg, vocab_size: int | None = None, head: str | None = None) ->
     """The preset named by cfg.model.preset with the config's overrides applied."""
     m = cfg.model
     overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "attention_impl",
-                                   "scan_unroll")}
+                                   "scan_unroll") if m[k]}
     if m.vocab_size or vocab_size:
         overrides["vocab_size"] = int(m.vocab_size or vocab_size)
     if head:
@@ -171,7 +171,7 @@ def train(cfg, workdir: str, model_cfg: ModelConfig, make_loss, dataset, stage: 
     `initial` (params) overrides cfg.init for a fresh start.
     """
     the_mesh = mesh(cfg)
-    parallel.check_batch(cfg.train.batch_size, the_mesh)
+    parallel.check_batch(cfg.train.batch_size, the_mesh, cfg.train.grad_accum)
     model = Transformer(model_cfg, mesh=the_mesh)
     trainer = make_trainer(cfg, workdir, model, make_loss(model), the_mesh, stage)
     batches = iter(dataset)

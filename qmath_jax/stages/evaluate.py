@@ -214,8 +214,7 @@ def load_problems(name: str, *, root: str | None = None, limit: int = 0, seed: i
 
     if name not in BENCHMARKS:
         raise ValueError(
-            f"eval.sets: unknown set {name!r}; choose from {sorted(BENCHMARKS)} or "
-            f"{SYNTHETIC!r}"
+            f"eval.sets: unknown set {name!r}; choose from {sorted(BENCHMARKS)} or {SYNTHETIC!r}"
         )
     problems = load_benchmark(name, root)
     return problems[:limit] if limit else problems
@@ -268,8 +267,9 @@ class RewardScorer:
         self.cfg, self.tokenizer, self.mesh = model_cfg, tokenizer, mesh
         self.truncated = 0
         if mesh is not None:
-            params = jax.device_put(params, parallel.logical_to_sharding(param_axes(model_cfg),
-                                                                         mesh))
+            params = jax.device_put(
+                params, parallel.logical_to_sharding(param_axes(model_cfg), mesh)
+            )
         self.params = params
         model = Transformer(model_cfg, mesh)
         self._score = jax.jit(lambda p, b: scores_at_last_token(model, p, b))
@@ -344,8 +344,9 @@ def read_rows(path: str) -> tuple[list[Row], int]:
                 int(row["sample"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 bad += 1
-                log.warning("%s:%d: unreadable row (an interrupted write?); it will be redone",
-                            path, lineno)
+                log.warning(
+                    "%s:%d: unreadable row (an interrupted write?); it will be redone", path, lineno
+                )
                 continue
             rows.append(row)
     return rows, bad
@@ -377,8 +378,7 @@ def _rewrite(path: str, units: Mapping[tuple, list[Row]]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for unit_rows in units.values():
-            for r in unit_rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in unit_rows)
     os.replace(tmp, path)
 
 
@@ -628,8 +628,10 @@ def _problems(sets, limit, root, seed) -> dict[str, list[dict]]:
         for name, probs in sets.items():
             probs = list(probs)
             for p in probs:
-                if not {"idx", "question", "answer"} <= set(p):
-                    raise ValueError(f"set {name!r}: problem {p!r:.80} needs idx, question, answer")
+                if not {"idx", "question", "answer"} <= set(p) or not isinstance(p["idx"], int):
+                    raise ValueError(
+                        f"set {name!r}: problem {p!r:.80} needs an int idx, question, answer"
+                    )
             out[name] = probs
         return out
     return {name: load_problems(name, root=root, limit=limit, seed=seed)
@@ -643,8 +645,10 @@ def _resume(path: str, workdir: str, settings: dict, k: int, verbose: bool) -> s
     if bad or dropped:
         _rewrite(path, done)  # drop the torn line and incomplete units before appending
     if (rows or bad) and verbose:
-        print(f"[eval] resuming {path}: {len(done)} complete units kept, "
-              f"{dropped + bad} incomplete rows dropped")
+        print(
+            f"[eval] resuming {path}: {len(done)} complete units kept, "
+            f"{dropped + bad} incomplete rows dropped"
+        )
     return set(done)
 
 
@@ -727,25 +731,31 @@ def _weights_source(init) -> tuple[str, str]:
     return ("hf", init.hf_dir) if init.hf_dir else ("ours", init.checkpoint)
 
 
-def load_model(kind: str, path: str, mesh, *, dtype: str, param_dtype: str,
-               attention_impl: str = "auto"):  # fmt: skip
+def load_model(kind: str, path: str, mesh, *, dtype: str = "", param_dtype: str = "",
+               attention_impl: str = ""):  # fmt: skip
     """(ModelConfig, params) from an HF directory (kind "hf") or one of our checkpoints or
     run workdirs (kind "ours"), placed on `mesh` by their logical axes.
+
+    The architecture comes from the weights; the arguments, when not empty, replace the
+    compute dtype, the params' storage dtype and the attention implementation.
 
     Args:
       kind: "hf" or "ours".
       path: the directory.
       mesh: the mesh, or None (unsharded).
-      dtype: compute dtype of the returned config.
-      param_dtype: storage dtype of the params.
-      attention_impl: the attention implementation of the returned config.
+      dtype: compute dtype ("" keeps the checkpoint's).
+      param_dtype: storage dtype of the params ("" keeps the checkpoint's).
+      attention_impl: attention implementation ("" keeps the checkpoint's).
     """
     from qmath_jax import parallel
     from qmath_jax.model.transformer import param_axes
     from qmath_jax.train import checkpoint as params_ckpt
 
-    overrides = {"dtype": dtype, "param_dtype": param_dtype, "attention_impl": attention_impl,
-                 "remat": "none"}  # fmt: skip
+    overrides = {"remat": "none"}  # inference: nothing to rematerialise
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype),
+                        ("attention_impl", attention_impl)):  # fmt: skip
+        if value:
+            overrides[name] = value
     if kind == "hf":
         from qmath_jax import hf
 
@@ -758,10 +768,13 @@ def load_model(kind: str, path: str, mesh, *, dtype: str, param_dtype: str,
             param_axes(model_cfg), mesh)  # fmt: skip
         return hf.load(path, shardings, **overrides)
     model_cfg = params_ckpt.read_model_config(path).replace(**overrides)
-    shardings = None if mesh is None else parallel.logical_to_sharding(param_axes(model_cfg), mesh)
-    _, params = params_ckpt.load_params(path, shardings)
-    params = jax.tree.map(lambda x: x.astype(param_dtype) if x.dtype != param_dtype else x,
-                          params)  # fmt: skip
+    # Restored on the host, then placed: checkpoint.load_params' sharded restore does not
+    # accept this Orbax version's metadata tree.
+    _, params = params_ckpt.load_params(path)
+    if param_dtype:
+        params = jax.tree.map(lambda x: np.asarray(x, dtype=param_dtype), params)
+    if mesh is not None:
+        params = jax.device_put(params, parallel.logical_to_sharding(param_axes(model_cfg), mesh))
     return model_cfg, params
 
 

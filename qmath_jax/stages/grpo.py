@@ -153,42 +153,22 @@ def logprob_fn(model: Transformer):
 # -------------------------------------------------------------------------- RM
 
 
-class RewardScorer:
-    """Scores (prompt text, response text) pairs with the RM at the response's last token."""
-
-    def __init__(self, rm_cfg, rm_params, tok, seq_len: int, mesh=None):
-        from qmath_jax.stages.reward_model import scores_at_last_token
-
-        self.tok, self.seq_len, self.params = tok, seq_len, rm_params
-        model = Transformer(rm_cfg, mesh=mesh)
-        self._score = jax.jit(lambda p, b: scores_at_last_token(model, p, b))
-
-    def __call__(self, prompt_texts: list[str], responses: list[str]) -> np.ndarray:
-        texts = [p + r.split(chat.IM_END)[0] + chat.IM_END + "\n"
-                 for p, r in zip(prompt_texts, responses)]
-        ids = [self.tok.encode(t)[: self.seq_len] for t in texts]
-        n, t = len(ids), self.seq_len
-        batch = {"tokens": np.zeros((n, 1, t), np.int32),
-                 "segment_ids": np.zeros((n, 1, t), np.int32),
-                 "positions": np.zeros((n, 1, t), np.int32),
-                 "last_index": np.zeros((n, 1), np.int32)}
-        for i, row in enumerate(ids):
-            batch["tokens"][i, 0, : len(row)] = row
-            batch["segment_ids"][i, 0, : len(row)] = 1
-            batch["positions"][i, 0, : len(row)] = np.arange(len(row))
-            batch["last_index"][i, 0] = len(row) - 1
-        return np.asarray(self._score(self.params, batch))[:, 0]
-
-
 def load_rm(cfg, tok, mesh):
     if not cfg.grpo.rm_checkpoint:
         return None
+    from qmath_jax.stages.evaluate import RewardScorer
+
     rm_cfg, rm_params = params_ckpt.load_params(cfg.grpo.rm_checkpoint)
-    if rm_cfg.head != "rm":
-        raise ValueError(f"grpo.rm_checkpoint={cfg.grpo.rm_checkpoint} holds a '{rm_cfg.head}' "
-                         "model; point it at an RM stage's workdir")
-    return RewardScorer(rm_cfg, rm_params, tok, cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens
-                        + 8, mesh)
+    return RewardScorer(rm_cfg, rm_params, tok, mesh=mesh)
+
+
+def rm_scores(rm, tok, prompt_ids: list[list[int]], texts: list[str]) -> np.ndarray:
+    """RM scores of prompt + response rows, rendered as the RM stage trains on them."""
+    from qmath_jax.stages.synth import clean_response
+
+    targets = tok.encode_batch([clean_response(t) + chat.IM_END + "\n" for t in texts])
+    return np.asarray(rm.score_ids([list(p) + t for p, t in zip(prompt_ids, targets)]),
+                      np.float32)
 
 
 # -------------------------------------------------------------------------- loop
@@ -266,8 +246,7 @@ def iteration(cfg, it, state, batch, trainer, policy_cfg, tok, reference, rm, lo
     r_v = verifier_rewards(texts, golds)
     prompts_rep = [p for p in prompt_ids for _ in range(g.group_size)]
     if rm is not None:
-        prompt_texts = [tok.decode(p) for p in prompts_rep]
-        r_m = rm(prompt_texts, texts)
+        r_m = rm_scores(rm, tok, prompts_rep, texts)
         rewards = np.asarray(rl_losses.shaped_reward(r_m, r_v))
     else:
         r_m, rewards = np.zeros_like(r_v), r_v
@@ -330,3 +309,108 @@ def write_jsonl(path: str, rows) -> None:
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+# -------------------------------------------------------------------------- AOT
+
+
+def _abstract_params(model_cfg, mesh, dtype=None):
+    from qmath_jax.model.transformer import param_axes
+
+    shardings = parallel.logical_to_sharding(param_axes(model_cfg), mesh)
+    shapes = jax.eval_shape(lambda: __import__("qmath_jax.model", fromlist=["init_params"])
+                            .init_params(model_cfg, jax.random.key(0)))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def compile_targets(cfg, mesh):
+    """The GRPO run's programs with abstract, sharded arguments, for `--compile_only`.
+
+    Each program takes everything that stays resident on the mesh while it runs (the
+    policy's train state, the frozen reference, the RM), so its memory report is the
+    stage's real footprint: the policy update, the reference log-probs, the RM scoring and
+    one rollout decode step over the full KV cache of the rollout batch.
+    """
+    from qmath_jax.model import init_cache
+    from qmath_jax.model.transformer import CACHE_AXES
+    from qmath_jax.train import trainer as trainer_lib
+
+    g = cfg.grpo
+    policy_cfg = common.model_config(cfg)
+    rm_cfg = policy_cfg.replace(head="rm")
+    model = Transformer(policy_cfg, mesh=mesh)
+    opt_cfg = cfg.copy_and_resolve_references()
+    with opt_cfg.unlocked():
+        opt_cfg.train.steps = cfg.train.steps * updates_per_rollout(g)
+
+    def init_fn():
+        tokens = np.zeros((1, 8), np.int32)
+        return model.init(jax.random.key(cfg.seed), tokens, tokens, tokens + 1)["params"]
+
+    built = trainer_lib.build_step(mesh, init_fn, grpo_loss_fn(model, g),
+                                   common.optim_config(opt_cfg), seed=cfg.seed)
+    reference = _abstract_params(policy_cfg, mesh, jnp.dtype(policy_cfg.dtype))
+    rm_params = _abstract_params(rm_cfg, mesh, jnp.dtype(rm_cfg.dtype))
+    seq_len = g.max_prompt_len + g.max_new_tokens
+    rows = parallel.batch_sharding(mesh, 2)
+
+    def batch_of(n):
+        ints = {k: jax.ShapeDtypeStruct((n, seq_len), jnp.int32, sharding=rows)
+                for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+        floats = {k: jax.ShapeDtypeStruct((n, seq_len), jnp.float32, sharding=rows)
+                  for k in ("old_logp", "ref_logp")}
+        adv = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=parallel.batch_sharding(mesh, 1))
+        return {**ints, **floats, "advantages": adv}
+
+    def update(state, ref, rm_p, batch):
+        return built.step(state, batch)
+
+    logp = logprob_fn(model)
+
+    def reference_logprobs(state, ref, rm_p, batch):
+        return logp(ref, batch)
+
+    from qmath_jax.stages.reward_model import scores_at_last_token
+
+    rm_model = Transformer(rm_cfg, mesh=mesh)
+
+    def rm_score(state, ref, rm_p, batch):
+        group = {k: batch[k][:, None] for k in ("tokens", "positions", "segment_ids")}
+        group["last_index"] = jnp.sum(batch["segment_ids"], axis=1)[:, None] - 1
+        return scores_at_last_token(rm_model, rm_p, group)
+
+    rollout_rows = g.prompts_per_step * g.group_size
+    cache_shapes = jax.eval_shape(lambda: init_cache(policy_cfg, rollout_rows, seq_len))
+    from jax.sharding import PartitionSpec
+
+    cache_shardings = parallel.logical_to_sharding(
+        {k: PartitionSpec(*axes) for k, axes in CACHE_AXES.items()}, mesh)
+    split = {"k": [jax.ShapeDtypeStruct(cache_shapes["k"].shape[1:], cache_shapes["k"].dtype,
+                                        sharding=_drop_layer(cache_shardings["k"], mesh))]
+             * policy_cfg.num_layers,
+             "end": jax.ShapeDtypeStruct((rollout_rows,), jnp.int32,
+                                         sharding=cache_shardings["end"])}
+    split["v"] = list(split["k"])
+    tokens_B = jax.ShapeDtypeStruct((rollout_rows,), jnp.int32, sharding=cache_shardings["end"])
+
+    def rollout_step(state, ref, rm_p, tokens, cache):
+        return sampler.decode_step(policy_cfg, state.params, tokens, cache, mesh)
+
+    common_args = (built.abstract_state, reference, rm_params)
+    jit = jax.jit
+    return [
+        ("grpo_update", jit(update, donate_argnums=0, keep_unused=True),
+         common_args + (batch_of(g.mini_batch),)),
+        ("reference_logprobs", jit(reference_logprobs, keep_unused=True),
+         common_args + (batch_of(g.mini_batch),)),
+        ("rm_score", jit(rm_score, keep_unused=True), common_args + (batch_of(g.mini_batch),)),
+        ("rollout_decode_step", jit(rollout_step, keep_unused=True, donate_argnums=4),
+         common_args + (tokens_B, split)),
+    ]
+
+
+def _drop_layer(sharding, mesh):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))

@@ -28,7 +28,7 @@ from qmath_jax import grading
 from qmath_jax.data import chat, decontam, sources
 from qmath_jax.sampling import sampler, tir
 from qmath_jax.stages import common
-from qmath_jax.stages.grpo import RewardScorer, problem_source
+from qmath_jax.stages.grpo import problem_source
 from qmath_jax.train import checkpoint as params_ckpt
 
 
@@ -146,8 +146,8 @@ def _records_for(prob, texts, s, rm, stats):
         stats["kept_problems"] += int(0 < sum(labels) < len(labels))
         return [{"question": prob["question"], "responses": texts, "labels": labels,
                  "answer": gold}]
-    prompt = chat.format_prompt(prob["question"], s.mode)
-    scores = rm([prompt] * len(texts), texts) if rm is not None else None
+    scores = (rm.score([prob["question"]] * len(texts), texts, [s.mode] * len(texts))
+              if rm is not None else None)
     chosen, agreed = select(prob["question"], gold, texts, scores, keep=s.keep)
     stats["verified_paths"] += len(chosen)
     stats["kept_problems"] += int(bool(chosen))
@@ -167,8 +167,10 @@ def _write_jsonl(path: str, rows) -> None:
 def _load_rm(cfg, tok):
     if not cfg.synth.rm_checkpoint:
         return None
+    from qmath_jax.stages.evaluate import RewardScorer
+
     rm_cfg, rm_params = params_ckpt.load_params(cfg.synth.rm_checkpoint)
-    return RewardScorer(rm_cfg, rm_params, tok, cfg.synth.max_new_tokens + 256)
+    return RewardScorer(rm_cfg, rm_params, tok)
 
 
 def run(cfg, workdir: str):

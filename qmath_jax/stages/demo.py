@@ -1,0 +1,236 @@
+"""The end-to-end demo: every stage of the report, in small, on the synthetic corpus.
+
+pretrain -> SFT (CoT + TIR) -> RM data (the SFT model's own samples, graded) and RM ->
+GRPO (shaped reward with that RM) -> a synth round (verified, RM-best, decontaminated
+paths of the GRPO model) and SFT on it -> evaluation of each stage's model (greedy,
+maj@k, RM@k; CoT and TIR) -> HF export, checked by reloading it in `transformers` and
+decoding the same greedy tokens.
+
+Each sub-run lives in workdir/<stage>/ and resumes, so an interrupted demo picks up
+where it stopped. The final table is workdir/demo_summary.json and demo_summary.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+
+from qmath_jax.stages import common
+
+STAGES = ("pretrain", "sft", "rm_data", "rm", "grpo", "synth", "rft", "eval", "export")
+
+
+def _sub(cfg, stage: str, **sections):
+    """A copy of the demo config for one stage with some sections changed."""
+    sub = copy.deepcopy(cfg)
+    with sub.unlocked():
+        sub.stage = stage
+        for section, values in sections.items():
+            for key, value in values.items():
+                sub[section][key] = value
+    return sub
+
+
+def _done(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "DONE"))
+
+
+def _mark(path: str, info: dict | None = None) -> None:
+    with open(os.path.join(path, "DONE"), "w") as f:
+        json.dump(info or {}, f)
+
+
+def _stage(name: str, path: str, fn):
+    if _done(path):
+        print(f"[demo] {name}: done earlier ({path})")
+        return json.load(open(os.path.join(path, "DONE")))
+    t0 = time.time()
+    print(f"[demo] {name} ...", flush=True)
+    info = fn() or {}
+    info["seconds"] = round(time.time() - t0, 1)
+    _mark(path, info)
+    print(f"[demo] {name}: {info['seconds']} s", flush=True)
+    return info
+
+
+def run(cfg, workdir: str):
+    from qmath_jax.stages import grpo, pretrain, reward_model, sft, synth
+
+    d = cfg.demo
+    os.makedirs(workdir, exist_ok=True)
+    tok = common.tokenizer(cfg, workdir)  # one tokenizer for every stage
+    tok_path = os.path.join(workdir, common.TOKENIZER_FILE)
+    shared = {"tokenizer": {"path": tok_path}}
+    dirs = {s: os.path.join(workdir, s) for s in STAGES}
+    times = {}
+
+    times["pretrain"] = _stage("pretrain", dirs["pretrain"], lambda: pretrain.run(
+        _sub(cfg, "pretrain", train=d.pretrain, **shared), dirs["pretrain"]) and None)
+    times["sft"] = _stage("sft", dirs["sft"], lambda: sft.run(
+        _sub(cfg, "sft", train=d.sft, init={"checkpoint": dirs["pretrain"]}, **shared),
+        dirs["sft"]) and None)
+
+    rm_data = os.path.join(dirs["rm_data"], "groups.jsonl")
+    rm_eval = os.path.join(dirs["rm_data"], "held_out.jsonl")
+
+    def make_rm_data():
+        os.makedirs(dirs["rm_data"], exist_ok=True)
+        reports = {}
+        for path, split, count in ((rm_data, "train", d.rm_problems), (rm_eval, "test", 32)):
+            scfg = _sub(cfg, "synth", init={"checkpoint": dirs["sft"]}, **shared,
+                        synth={**d.synth, "write": "rm", "num_problems": count, "out": path,
+                               "mode": "cot", "decontam_synthetic": 0 if split == "test"
+                               else 2000})
+            reports[split] = synth.synthesize(
+                scfg, *synth._policy(scfg), tok, _problems(scfg, split, count), path)
+        return {"train": reports["train"], "held_out": reports["test"]}
+
+    times["rm_data"] = _stage("rm data", dirs["rm_data"], make_rm_data)
+    times["rm"] = _stage("rm", dirs["rm"], lambda: _rm_report(reward_model.run(
+        _sub(cfg, "rm", train=d.rm, init={"checkpoint": dirs["sft"]}, data={"sources": rm_data},
+             rm={"eval_source": rm_eval}, **shared), dirs["rm"]), dirs["rm"]))
+    times["grpo"] = _stage("grpo", dirs["grpo"], lambda: grpo.run(
+        _sub(cfg, "grpo", train=d.grpo_train, grpo={**d.grpo, "rm_checkpoint": dirs["rm"]},
+             init={"checkpoint": dirs["sft"]}, **shared), dirs["grpo"]) and None)
+
+    synth_out = os.path.join(dirs["synth"], "paths.jsonl")
+
+    def synth_round():
+        os.makedirs(dirs["synth"], exist_ok=True)
+        reports = {}
+        for mode in ("cot", "tir"):
+            scfg = _sub(cfg, "synth", init={"checkpoint": dirs["grpo"]}, **shared,
+                        synth={**d.synth, "write": "sft", "mode": mode,
+                               "num_problems": d.synth_problems, "offset": 10_000,
+                               "rm_checkpoint": dirs["rm"], "out": f"{synth_out}.{mode}"})
+            reports[mode] = synth.synthesize(scfg, *synth._policy(scfg), tok,
+                                             _problems(scfg, "train", d.synth_problems, 10_000),
+                                             f"{synth_out}.{mode}", rm=synth._load_rm(scfg, tok))
+        with open(synth_out, "w") as out:
+            for mode in ("cot", "tir"):
+                out.write(open(f"{synth_out}.{mode}").read())
+        return reports
+
+    times["synth"] = _stage("synth", dirs["synth"], synth_round)
+    times["rft"] = _stage("rft", dirs["rft"], lambda: sft.run(
+        _sub(cfg, "sft", train=d.rft, init={"checkpoint": dirs["grpo"]},
+             data={"sources": synth_out}, **shared), dirs["rft"]) and None)
+
+    table = _stage("eval", dirs["eval"], lambda: evaluate_stages(cfg, tok, dirs))
+    check = _stage("export", dirs["export"], lambda: export_and_check(dirs["rft"], tok,
+                                                                        dirs["export"]))
+    summary = {"table": table, "export_check": check,
+               "stage_seconds": {k: v.get("seconds") for k, v in times.items()}}
+    with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_demo_table(table))
+    _plot_summary(table, os.path.join(workdir, "demo_summary.png"))
+    print(f"[demo] export check: {check}")
+    return summary
+
+
+def _problems(cfg, split: str, count: int, offset: int = 0) -> list[dict]:
+    corpus = common.synthetic_corpus(cfg, split)
+    return [{"idx": offset + i, **{k: corpus[offset + i][k] for k in ("question", "answer", "kind")}}
+            for i in range(count)]
+
+
+def _rm_report(state, rm_dir):
+    path = os.path.join(rm_dir, "rm_eval.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def evaluate_stages(cfg, tok, dirs) -> dict:
+    """Greedy / maj@k / RM@k, CoT and TIR, of each stage's model on held-out problems."""
+    from qmath_jax.stages import evaluate
+    from qmath_jax.train import checkpoint
+
+    d = cfg.demo
+    test = _problems(cfg, "test", d.eval_problems)
+    by_kind = {}
+    for p in test:
+        by_kind.setdefault(p["kind"], []).append(p)
+    rm_cfg, rm_params = checkpoint.load_params(dirs["rm"])
+    rm = evaluate.RewardScorer(rm_cfg, rm_params, tok)
+    table = {}
+    for stage in ("sft", "grpo", "rft"):
+        policy_cfg, params = checkpoint.load_params(dirs[stage])
+        summary = evaluate.evaluate(
+            policy_cfg, params, tok, by_kind, modes=("cot", "tir"), k=d.eval_k,
+            workdir=os.path.join(dirs["eval"], stage), rm=rm, temperature=0.7, top_p=0.8,
+            max_new_tokens=d.eval_max_new_tokens, batch_size=64, seed=cfg.seed,
+            progress=False, verbose=False)
+        table[stage] = summary["results"]
+    return table
+
+
+def format_demo_table(table: dict) -> str:
+    lines = []
+    for stage, results in table.items():
+        lines.append(f"== {stage}")
+        for kind, modes in results.items():
+            for mode, m in modes.items():
+                cells = "  ".join(f"{k}={_pct(v)}" for k, v in m.items()
+                                  if k.startswith(("greedy", "maj@", "rm@", "pass@")))
+                lines.append(f"  {kind:10s} {mode:4s} {cells}")
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "  -  " if v is None else f"{100 * v:5.1f}"
+
+
+def _plot_summary(table: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(stage, kind, mode, m) for stage, r in table.items() for kind, ms in r.items()
+            for mode, m in ms.items()]
+    keys = [k for k in ("greedy", "maj@8", "rm@8") if any(k in r[3] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.6), 3.5))
+    width = 0.8 / max(len(keys), 1)
+    for j, key in enumerate(keys):
+        ax.bar(np.arange(len(rows)) + j * width, [r[3].get(key) or 0 for r in rows], width,
+               label=key)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{s}\n{k}\n{m}" for s, k, m, _ in rows], fontsize=7)
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def export_and_check(checkpoint_dir: str, tok, out_dir: str) -> dict:
+    """Exports to HF, reloads with transformers and compares greedy tokens with ours."""
+    import torch
+    import transformers
+
+    from qmath_jax import hf
+    from qmath_jax.data import chat
+    from qmath_jax.sampling import sampler
+    from qmath_jax.train import checkpoint
+
+    cfg, params = checkpoint.load_params(checkpoint_dir)
+    hf.save(cfg, params, out_dir, tokenizer=tok)
+    model = transformers.Qwen2ForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32)
+    model.eval()
+    questions = ["What is $12 + 30$?", "Compute $123 \\times 45$."]
+    prompts = [tok.encode(chat.format_prompt(q, "cot")) for q in questions]
+    ours = sampler.generate(cfg.replace(dtype="float32"), params, prompts, 32)
+    same = []
+    for p, o in zip(prompts, ours):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
+                                 min_new_tokens=32, pad_token_id=tok.pad_id)
+        theirs = ref[0, len(p):].tolist()
+        same.append(theirs == o.tokens[: len(theirs)])
+    if not all(same):
+        raise AssertionError(f"transformers' greedy tokens differ from ours: {same}")
+    return {"hf_dir": out_dir, "prompts": len(prompts), "same_greedy_tokens": all(same)}
