@@ -119,3 +119,20 @@ def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match="decay"):
         T.make_schedule(T.OptimConfig(decay="step"))
     assert isinstance(ml_collections.ConfigDict(), ml_collections.ConfigDict)
+
+
+def test_params_checkpoint_restores_into_shardings(tmp_path):
+    from qmath_jax import parallel
+    from qmath_jax.model import param_axes
+    from qmath_jax.train import checkpoint
+
+    cfg = get_preset("tiny")
+    params = init_params(cfg, jax.random.key(3))
+    checkpoint.save_params(str(tmp_path / "p"), cfg, params)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = parallel.logical_to_sharding(param_axes(cfg), mesh)
+    cfg2, restored = checkpoint.load_params(str(tmp_path / "p"), shardings)
+    assert cfg2 == cfg
+    emb = restored["embedding"]
+    assert emb.sharding == shardings["embedding"]
+    np.testing.assert_array_equal(np.asarray(emb), np.asarray(params["embedding"]))

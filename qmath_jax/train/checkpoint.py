@@ -69,6 +69,7 @@ def _restore(path: str, shardings):
             return ckptr.restore(path)
         meta = ckptr.metadata(path)
         meta_tree = getattr(meta, "item_metadata", meta)
+        meta_tree = getattr(meta_tree, "tree", meta_tree)
         target = jax.tree.map(
             lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta_tree, shardings)
         return ckptr.restore(path, target)
