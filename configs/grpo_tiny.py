@@ -17,7 +17,7 @@ def get_config():
     c.grpo.group_size = 8
     c.grpo.prompts_per_step = 8
     c.grpo.mini_batch = 32
-    c.grpo.max_prompt_len = 64
+    c.grpo.max_prompt_len = 128
     c.grpo.max_new_tokens = 192
     c.train.steps = 10
     c.train.lr = 1e-4

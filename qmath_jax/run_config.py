@@ -103,6 +103,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
         "decontam_sets": "",  # benchmark names, e.g. math500,gsm8k
         "decontam_synthetic": 2000,  # synthetic test questions to decontaminate against
         "rounds": 1,  # > 1: online rejection fine-tuning (synth -> SFT -> ...)
+        "reference_positive": False,  # RM groups with no correct sample get the reference
         "out": "",
     }
     # The TPU topology a config is sized for (documentation and --compile_only default).

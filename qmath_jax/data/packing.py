@@ -77,6 +77,9 @@ def prepared(items: list[Any], counts: Mapping[str, int], events: list[list[str]
     return {"items": items, "counts": dict(counts), "events": events}
 
 
+MAX_EMPTY_ELEMENTS = 1000  # consecutive prepared chunks without a record before giving up
+
+
 class _AccountedIterator(grain.DatasetIterator):
     """Iterator of :class:`AccountedFlatMap`.
 
@@ -112,11 +115,21 @@ class _AccountedIterator(grain.DatasetIterator):
                 log.warning("data: %s at %s", reason, loc)
 
     def __next__(self) -> Any:
+        empty = 0
         while self._offset >= len(self._buffer):
             self._element_parent_state = self._parent.get_state()
             element = next(self._parent)
             self._absorb(element)
             self._buffer, self._offset, self._in_element = element["items"], 0, True
+            empty = 0 if self._buffer else empty + 1
+            if empty >= MAX_EMPTY_ELEMENTS:
+                # Everything read is being dropped: an endless (repeating) source would
+                # otherwise spin here forever.
+                raise ValueError(
+                    f"data: the last {empty} prepared chunks yielded no usable record "
+                    f"(counts so far: {dict(self._counts)}; first problems: "
+                    f"{self._problems[:3]}); fix the data or the limits that drop it "
+                    "(e.g. a longer train.seq_len)")
         item = self._buffer[self._offset]
         self._offset += 1
         return item

@@ -100,7 +100,7 @@ def sample_logits(
       [B] int32 token ids.
     """
     if greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return _argmax(logits_BV)
     scaled_BV = logits_BV.astype(jnp.float32) / temperature
     vocab = scaled_BV.shape[-1]
     index_BK = None
@@ -117,10 +117,22 @@ def sample_logits(
         vals_BK = jnp.where(mass_before_BK < top_p, vals_BK, -jnp.inf)
     width = vals_BK.shape[-1]
     gumbel_BK = jax.vmap(lambda k: jax.random.gumbel(k, (width,), jnp.float32))(keys_B)
-    choice_B = jnp.argmax(vals_BK + gumbel_BK, axis=-1)
+    choice_B = _argmax(vals_BK + gumbel_BK)
     if index_BK is not None:
         choice_B = jnp.take_along_axis(index_BK, choice_B[:, None], axis=-1)[:, 0]
     return choice_B.astype(jnp.int32)
+
+
+def _argmax(x_BV: jax.Array) -> jax.Array:
+    """First index of the row maximum, as jnp.argmax, in int32.
+
+    Two plain reductions: XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised,
+    which cost more per decode step than the LM head matmul itself.
+    """
+    v = x_BV.shape[-1]
+    top_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+    first_B = jnp.min(jnp.where(x_BV == top_B1, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first_B, v - 1)  # a NaN row has no maximum: keep the id in range
 
 
 def sample_tokens(
@@ -335,7 +347,7 @@ def _decode_layer(cfg, lp: dict, x_B1D, k_BSKE, v_BSKE, end_B, mesh):
 ATTENTION_BLOCK = 64  # cache slots per step of `_blocked_decode_attention`
 
 
-def _blocked_decode_attention(q_BHE, k_BSKE, v_BSKE, lengths_B, block: int = ATTENTION_BLOCK):
+def _blocked_decode_attention(q_BHE, k_BSKE, v_BSKE, lengths_B, block: int | None = None):
     """Decode attention over only the cache blocks below max(lengths), online softmax.
 
     Equals `attention.decode_attention_xla` (float32 softmax, E**-0.5 scale after the
@@ -347,6 +359,7 @@ def _blocked_decode_attention(q_BHE, k_BSKE, v_BSKE, lengths_B, block: int = ATT
     Returns:
       [B, H, E] in q's dtype.
     """
+    block = block or ATTENTION_BLOCK
     b, h, e = q_BHE.shape
     s, kh = k_BSKE.shape[1], k_BSKE.shape[2]
     if s % block:

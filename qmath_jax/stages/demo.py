@@ -35,26 +35,22 @@ def _sub(cfg, stage: str, **sections):
     return sub
 
 
-def _done(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "DONE"))
-
-
-def _mark(path: str, info: dict | None = None) -> None:
-    with open(os.path.join(path, "DONE"), "w") as f:
-        json.dump(info or {}, f)
-
-
-def _stage(name: str, path: str, fn):
-    if _done(path):
+def _stage(name: str, path: str, fn, seconds: dict):
+    """Runs one stage unless workdir/<stage>/DONE says it finished; returns its info."""
+    done = os.path.join(path, "DONE")
+    if os.path.exists(done):
         print(f"[demo] {name}: done earlier ({path})")
-        return json.load(open(os.path.join(path, "DONE")))
-    t0 = time.time()
-    print(f"[demo] {name} ...", flush=True)
-    info = fn() or {}
-    info["seconds"] = round(time.time() - t0, 1)
-    _mark(path, info)
-    print(f"[demo] {name}: {info['seconds']} s", flush=True)
-    return info
+        record = json.load(open(done))
+    else:
+        t0 = time.time()
+        print(f"[demo] {name} ...", flush=True)
+        record = {"info": fn() or {}, "seconds": round(time.time() - t0, 1)}
+        os.makedirs(path, exist_ok=True)
+        with open(done, "w") as f:
+            json.dump(record, f)
+        print(f"[demo] {name}: {record['seconds']} s", flush=True)
+    seconds[name] = record["seconds"]
+    return record["info"]
 
 
 def run(cfg, workdir: str):
@@ -66,11 +62,14 @@ def run(cfg, workdir: str):
     tok_path = os.path.join(workdir, common.TOKENIZER_FILE)
     shared = {"tokenizer": {"path": tok_path}}
     dirs = {s: os.path.join(workdir, s) for s in STAGES}
-    times = {}
+    times: dict = {}
 
-    times["pretrain"] = _stage("pretrain", dirs["pretrain"], lambda: pretrain.run(
+    def stage(name, path, fn):
+        return _stage(name, path, fn, times)
+
+    stage("pretrain", dirs["pretrain"], lambda: pretrain.run(
         _sub(cfg, "pretrain", train=d.pretrain, **shared), dirs["pretrain"]) and None)
-    times["sft"] = _stage("sft", dirs["sft"], lambda: sft.run(
+    stage("sft", dirs["sft"], lambda: sft.run(
         _sub(cfg, "sft", train=d.sft, init={"checkpoint": dirs["pretrain"]}, **shared),
         dirs["sft"]) and None)
 
@@ -81,19 +80,21 @@ def run(cfg, workdir: str):
         os.makedirs(dirs["rm_data"], exist_ok=True)
         reports = {}
         for path, split, count in ((rm_data, "train", d.rm_problems), (rm_eval, "test", 32)):
+            held_out = split == "test"  # scored as sampled: no reference positives
             scfg = _sub(cfg, "synth", init={"checkpoint": dirs["sft"]}, **shared,
                         synth={**d.synth, "write": "rm", "num_problems": count, "out": path,
-                               "mode": "cot", "decontam_synthetic": 0 if split == "test"
-                               else 2000})
+                               "mode": "cot", "decontam_synthetic": 0 if held_out else 2000,
+                               "reference_positive": d.synth.reference_positive
+                               and not held_out})
             reports[split] = synth.synthesize(
                 scfg, *synth._policy(scfg), tok, _problems(scfg, split, count), path)
         return {"train": reports["train"], "held_out": reports["test"]}
 
-    times["rm_data"] = _stage("rm data", dirs["rm_data"], make_rm_data)
-    times["rm"] = _stage("rm", dirs["rm"], lambda: _rm_report(reward_model.run(
+    stage("rm data", dirs["rm_data"], make_rm_data)
+    stage("rm", dirs["rm"], lambda: _rm_report(reward_model.run(
         _sub(cfg, "rm", train=d.rm, init={"checkpoint": dirs["sft"]}, data={"sources": rm_data},
              rm={"eval_source": rm_eval}, **shared), dirs["rm"]), dirs["rm"]))
-    times["grpo"] = _stage("grpo", dirs["grpo"], lambda: grpo.run(
+    stage("grpo", dirs["grpo"], lambda: grpo.run(
         _sub(cfg, "grpo", train=d.grpo_train, grpo={**d.grpo, "rm_checkpoint": dirs["rm"]},
              init={"checkpoint": dirs["sft"]}, **shared), dirs["grpo"]) and None)
 
@@ -115,16 +116,24 @@ def run(cfg, workdir: str):
                 out.write(open(f"{synth_out}.{mode}").read())
         return reports
 
-    times["synth"] = _stage("synth", dirs["synth"], synth_round)
-    times["rft"] = _stage("rft", dirs["rft"], lambda: sft.run(
-        _sub(cfg, "sft", train=d.rft, init={"checkpoint": dirs["grpo"]},
-             data={"sources": synth_out}, **shared), dirs["rft"]) and None)
+    stage("synth", dirs["synth"], synth_round)
 
-    table = _stage("eval", dirs["eval"], lambda: evaluate_stages(cfg, tok, dirs))
-    check = _stage("export", dirs["export"], lambda: export_and_check(dirs["rft"], tok,
+    def rft():
+        # The next round's SFT data is the original mix plus the new verified paths (as
+        # in the report); a round that verified nothing trains on the original mix alone.
+        new_paths = sum(1 for _ in open(synth_out))
+        sources = f"synthetic=1,{synth_out}=1" if new_paths else "synthetic"
+        sft.run(_sub(cfg, "sft", train=d.rft, init={"checkpoint": dirs["grpo"]},
+                     data={"sources": sources}, **shared), dirs["rft"])
+        return {"synth_paths": new_paths}
+
+    stage("rft", dirs["rft"], rft)
+
+    table = stage("eval", dirs["eval"], lambda: evaluate_stages(cfg, tok, dirs))
+    check = stage("export", dirs["export"], lambda: export_and_check(dirs["rft"], tok,
                                                                         dirs["export"]))
     summary = {"table": table, "export_check": check,
-               "stage_seconds": {k: v.get("seconds") for k, v in times.items()}}
+               "stage_seconds": times}
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(format_demo_table(table))
@@ -135,8 +144,9 @@ def run(cfg, workdir: str):
 
 def _problems(cfg, split: str, count: int, offset: int = 0) -> list[dict]:
     corpus = common.synthetic_corpus(cfg, split)
-    return [{"idx": offset + i, **{k: corpus[offset + i][k] for k in ("question", "answer", "kind")}}
-            for i in range(count)]
+    rows = [corpus[offset + i] for i in range(count)]
+    return [{"idx": offset + i, "question": r["question"], "answer": r["answer"],
+             "kind": r["kind"], "solution": r["cot"]} for i, r in enumerate(rows)]
 
 
 def _rm_report(state, rm_dir):

@@ -47,7 +47,8 @@ class SyntheticProblems:
 
     def __getitem__(self, index: int) -> dict:
         p = self.corpus[int(index) % len(self.corpus)]
-        return {"question": p["question"], "answer": p["answer"], "idx": int(index)}
+        return {"question": p["question"], "answer": p["answer"], "solution": p["cot"],
+                "idx": int(index)}
 
 
 def problem_source(spec: str, cfg, split: str = "train"):

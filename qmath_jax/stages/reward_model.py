@@ -53,6 +53,20 @@ def dataset(cfg, tok, source_spec: str, *, shuffle=True, num_epochs=None):
     )
 
 
+def _require_usable_groups(spec: str, group_size: int) -> None:
+    """Refuses RM data without a single group holding both a correct and a wrong answer
+    (the loss has no pair to learn from, and the pipeline would search forever)."""
+    src = sources.open_source(spec, required=("question", "responses", "labels"))
+    for i in range(len(src)):
+        labels = [int(bool(x)) for x in list(src[i]["labels"])[:group_size]]
+        if len(labels) == group_size and 0 < sum(labels) < group_size:
+            return
+    raise ValueError(
+        f"{spec}: no group of {group_size} responses has both correct and incorrect answers, "
+        "so the listwise loss has nothing to learn; sample more responses, use a stronger "
+        "policy, or set synth.reference_positive=True to add reference solutions")
+
+
 def rm_params_from_lm(lm_params, rm_cfg, seed: int = 0):
     """RM params: the LM's trunk, a freshly initialised score head."""
     fresh = init_params(rm_cfg, jax.random.key(seed))
@@ -80,6 +94,7 @@ def run(cfg, workdir: str):
     if not cfg.data.sources or cfg.data.sources == "synthetic":
         raise ValueError("rm: set data.sources to a JSONL of {question, responses, labels} "
                          "(the synth stage's RM output: --config.synth.write=rm)")
+    _require_usable_groups(cfg.data.sources, cfg.rm.group_size)
     ds = dataset(cfg, tok, cfg.data.sources)
     init = cfg.init
     cfg_no_init = cfg.copy_and_resolve_references()

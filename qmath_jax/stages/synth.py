@@ -143,6 +143,11 @@ def _records_for(prob, texts, s, rm, stats):
     if s.write == "rm":
         labels = [int(grading.is_equiv(grading.extract_answer(t), gold)) for t in texts]
         stats["verified_paths"] += sum(labels)
+        if s.reference_positive and not any(labels) and prob.get("solution"):
+            # A weak policy rarely answers right; the reference solution gives the group
+            # its positive so the RM still learns to rank (counted in the report).
+            texts, labels = texts[:-1] + [prob["solution"]], labels[:-1] + [1]
+            stats["reference_positives"] = stats.get("reference_positives", 0) + 1
         stats["kept_problems"] += int(0 < sum(labels) < len(labels))
         return [{"question": prob["question"], "responses": texts, "labels": labels,
                  "answer": gold}]
