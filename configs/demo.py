@@ -26,11 +26,11 @@ def get_config():
     c.data.tir_fraction = 0.5
     stage_train = dict(batch_size=16, seq_len=256, warmup_steps=20, checkpoint_every_steps=100)
     c.demo = ml_collections.ConfigDict({
-        "pretrain": dict(stage_train, steps=150, lr=3e-3, end_lr=3e-4),
-        "sft": dict(stage_train, steps=400, lr=2e-3, end_lr=2e-4),
-        "rm": dict(stage_train, steps=150, batch_size=8, seq_len=320, lr=1e-3, end_lr=1e-4),
+        "pretrain": dict(stage_train, steps=200, lr=3e-3, end_lr=3e-4),
+        "sft": dict(stage_train, steps=600, lr=2e-3, end_lr=2e-4),
+        "rm": dict(stage_train, steps=100, batch_size=8, seq_len=320, lr=1e-3, end_lr=1e-4),
         "rft": dict(stage_train, steps=100, lr=3e-4, end_lr=3e-5, warmup_steps=5),
-        "grpo_train": dict(steps=12, lr=5e-5, end_lr=5e-5, warmup_steps=0, decay="constant",
+        "grpo_train": dict(steps=10, lr=5e-5, end_lr=5e-5, warmup_steps=0, decay="constant",
                            checkpoint_every_steps=4),
         "grpo": dict(mode="cot", group_size=8, prompts_per_step=8, mini_batch=32, passes=1,
                      max_prompt_len=128, max_new_tokens=192, kl_coef=1e-3),
