@@ -122,7 +122,8 @@ def run(cfg, workdir: str):
         # The next round's SFT data is the original mix plus the new verified paths (as
         # in the report); a round that verified nothing trains on the original mix alone.
         new_paths = sum(1 for _ in open(synth_out))
-        sources = f"synthetic=1,{synth_out}=1" if new_paths else "synthetic"
+        share = d.rft_new_paths_share  # a few dozen new paths must not be memorised
+        sources = (f"synthetic={1 - share},{synth_out}={share}" if new_paths else "synthetic")
         sft.run(_sub(cfg, "sft", train=d.rft, init={"checkpoint": dirs["grpo"]},
                      data={"sources": sources}, **shared), dirs["rft"])
         return {"synth_paths": new_paths}
