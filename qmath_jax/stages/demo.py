@@ -122,11 +122,13 @@ def run(cfg, workdir: str):
         # The next round's SFT data is the original mix plus the new verified paths (as
         # in the report); a round that verified nothing trains on the original mix alone.
         new_paths = sum(1 for _ in open(synth_out))
-        share = d.rft_new_paths_share  # a few dozen new paths must not be memorised
+        # About one pass over the new paths in this round (one example per packed row);
+        # a few dozen paths repeated for a whole round get memorised, answers included.
+        share = min(d.rft_new_paths_share, new_paths / (d.rft.steps * d.rft.batch_size))
         sources = (f"synthetic={1 - share},{synth_out}={share}" if new_paths else "synthetic")
         sft.run(_sub(cfg, "sft", train=d.rft, init={"checkpoint": dirs["grpo"]},
                      data={"sources": sources}, **shared), dirs["rft"])
-        return {"synth_paths": new_paths}
+        return {"synth_paths": new_paths, "new_paths_share": share}
 
     stage("rft", dirs["rft"], rft)
 
