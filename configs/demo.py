@@ -39,6 +39,7 @@ def get_config():
         "synth": dict(n=6, max_new_tokens=192, batch_size=32, temperature=0.7, top_p=0.8,
                       reference_positive=True),
         "rm_problems": 96,
+        "rm_mode": "cot",  # sampling mode of the RM data (tir: see the closing note of session 1)
         "synth_problems": 96,
         "rft_new_paths_share": 0.25,  # of the RFT round's SFT mix
         "eval_problems": 48,

@@ -83,7 +83,7 @@ def run(cfg, workdir: str):
             held_out = split == "test"  # scored as sampled: no reference positives
             scfg = _sub(cfg, "synth", init={"checkpoint": dirs["sft"]}, **shared,
                         synth={**d.synth, "write": "rm", "num_problems": count, "out": path,
-                               "mode": "cot", "decontam_synthetic": 0 if held_out else 2000,
+                               "mode": d.rm_mode, "decontam_synthetic": 0 if held_out else 2000,
                                "reference_positive": d.synth.reference_positive
                                and not held_out})
             reports[split] = synth.synthesize(
