@@ -16,7 +16,8 @@ sampler call (32 problems x 8 samples, 2048 new tokens) about 40 GiB, all split 
       --config.init.hf_dir=/path/to/Qwen2.5-Math-7B-Instruct \
       --config.eval.limit=20 --config.eval.modes=cot --config.eval.rm_hf_dir=
 
-init.hf_dir and eval.rm_hf_dir are placeholders to override; a checkpoint of ours
+init.hf_dir and eval.rm_hf_dir name your own files (the /path/to/ defaults exist nowhere); a
+checkpoint of ours
 (init.checkpoint, eval.rm_checkpoint) works the same. Rows go to samples.jsonl, the table
 to summary.json; an interrupted run resumes where it stopped. On one 80 GiB GPU, drop the
 RM (eval.rm_hf_dir=) and set --config.mesh.tensor=1.

@@ -13,7 +13,8 @@ policy's own params.
   python -m qmath_jax.launch --config grpo_72b --compile_only       # any host, libtpu
 
 init.checkpoint (the SFT model), grpo.rm_checkpoint (the RM run) and data.sources
-({question, answer} queries, kept by the 2-to-5-of-8 filter) are placeholders.
+({question, answer} queries, kept by the 2-to-5-of-8 filter) name your own files (the
+/path/to/ defaults exist nowhere).
 
 Expected (--compile_only on a 2-core CPU host): four programs (policy update, reference
 log-probs, RM scoring, one rollout decode step over the episode's KV cache) compile in

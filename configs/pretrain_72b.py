@@ -14,7 +14,7 @@ base checkpoint's weights.
   python -m qmath_jax.launch --config pretrain_72b --compile_only   # any host, libtpu
 
 init.hf_dir (weights and tokenizer.json) and data.sources (records with a `text` field;
-JSONL, Parquet or ArrayRecord) are placeholders to override.
+JSONL, Parquet or ArrayRecord) name your own files (the /path/to/ defaults exist nowhere).
 
 Expected (--compile_only on a 2-core CPU host): compiles in 3-5 minutes and fits: about
 57 GiB of the 95 GiB HBM per v5p chip (40% spare), exit code 0.

@@ -11,7 +11,8 @@ state; fully sharded (FSDP) over the 16 chips of a v6e-16, full rematerialisatio
   python -m qmath_jax.launch --config sft_1p5b --compile_only   # any host, libtpu
 
 init.hf_dir (the base model, tokenizer beside it) and data.sources ({question, response,
-mode} records, e.g. a synth round's output) are placeholders to override. train.steps is
+mode} records, e.g. a synth round's output) name your own files (the /path/to/ defaults
+exist nowhere). train.steps is
 3 epochs of 1.2M packed rows (3 * 1.2M / 128); set it to 3 * rows / 128 for your data.
 
 Expected (--compile_only on a 2-core CPU host): compiles in 2-5 minutes and fits in
