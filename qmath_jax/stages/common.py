@@ -3,7 +3,6 @@ the trainer and the resume-or-start loop."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -206,7 +205,3 @@ def lm_loss(model: Transformer):
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
     return loss_fn
-
-
-def dataclass_dict(obj) -> dict:
-    return dataclasses.asdict(obj)

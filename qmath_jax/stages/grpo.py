@@ -319,8 +319,9 @@ def _abstract_params(model_cfg, mesh, dtype=None):
     from qmath_jax.model.transformer import param_axes
 
     shardings = parallel.logical_to_sharding(param_axes(model_cfg), mesh)
-    shapes = jax.eval_shape(lambda: __import__("qmath_jax.model", fromlist=["init_params"])
-                            .init_params(model_cfg, jax.random.key(0)))
+    from qmath_jax.model import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s),
                         shapes, shardings)
 

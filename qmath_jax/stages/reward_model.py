@@ -16,7 +16,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qmath_jax.data import pipelines, sources
 from qmath_jax.model import Transformer, init_params
@@ -125,7 +124,3 @@ def _trunk_from_lm(init, lm_cfg, rm_cfg, seed):
     if loaded_cfg.head == "rm":
         return lm_params
     return rm_params_from_lm(lm_params, rm_cfg, seed)
-
-
-def to_numpy(tree):
-    return jax.tree.map(np.asarray, tree)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
@@ -406,8 +405,3 @@ def restore_params(workdir: str, model_cfg, shardings=None):
     if shardings is not None:
         params = jax.device_put(params, shardings)
     return params
-
-
-def save_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
