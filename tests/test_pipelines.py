@@ -203,7 +203,7 @@ TIR_RESPONSE = (
 
 def test_tir_output_spans_cover_exactly_the_interpreter_text():
     spans = P.tir_output_spans(TIR_RESPONSE)
-    assert [TIR_RESPONSE[a:b] for a, b in spans] == ["\n5\n```", "\n5\n```"]
+    assert [TIR_RESPONSE[a:b] for a, b in spans] == ["\n5\n```\n", "\n5\n```\n"]
     assert P.tir_output_spans("x ```output\n12") == [(11, 14)]  # unclosed: to the end
 
 
@@ -235,7 +235,7 @@ def test_sft_loss_mask_is_exactly_the_response_without_output_blocks():
         assert full == prompt + response
         # Trained targets, by hand: the response minus the interpreter's output text.
         trained = bytes(row["targets"][idx][row["loss_mask"][idx] == 1].tolist()).decode()
-        expected = response.replace("```output\n5\n```", "```output")
+        expected = response.replace("```output\n5\n```\n", "```output")
         assert trained == expected
     assert np.all(row["loss_mask"][row["segment_ids"] == 0] == 0)
 
@@ -261,7 +261,7 @@ def test_sft_mixes_cot_and_tir_with_the_chat_format():
             prompt = chat.format_prompt(question, mode)
             assert text.startswith(prompt)
             trained = bytes(row["targets"][idx][row["loss_mask"][idx] == 1].tolist()).decode()
-            assert trained == text[len(prompt) :].replace("```output\n5\n```", "```output")
+            assert trained == text[len(prompt) :].replace("```output\n5\n```\n", "```output")
             assert trained.endswith(chat.IM_END + "\n")
     assert modes == {"cot", "tir"}
 

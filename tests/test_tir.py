@@ -221,3 +221,54 @@ def test_bad_generate_fn_is_reported(pool):
         run_tir(bad, TOK, [_prompt("Q")], max_new_tokens=10, pool=pool)
     with pytest.raises(ValueError, match="max_new_tokens"):
         run_tir(bad, TOK, [_prompt("Q")], max_new_tokens=0, pool=pool)
+
+
+def test_sft_trains_on_the_tokens_the_loop_produces(pool):
+    """A TIR response tokenized for SFT equals the loop's trajectory when the model writes it.
+
+    With a BPE tokenizer, text and ids are not interchangeable: if SFT cut the executor's
+    block at another place than the loop appends it, the model would be trained on token
+    boundaries it never sees when sampling (a small model then repeats the fence).
+    """
+    import numpy as np
+
+    from qmath_jax.data import chat, pipelines, synthetic
+    from qmath_jax.data.tokenizer import train_bpe_tokenizer
+
+    synth = synthetic.SyntheticMath(0, kinds=["add", "big_mul"])
+    records = [synth[i] for i in range(6)]
+    tok = train_bpe_tokenizer([r["tir"] + r["cot"] for r in (synth[i] for i in range(300))], 400)
+    for rec in records:
+        prompt, response = chat.format_sft(rec["question"], rec["tir"], "tir")
+        ds = pipelines.sft_dataset(
+            [{"question": rec["question"], "response": rec["tir"], "mode": "tir"}], tok,
+            seq_len=256, batch_size=1, num_epochs=1, shuffle=False, add_eos=False,
+            shard_index=0, shard_count=1,
+        )  # fmt: skip
+        row = {k: v[0] for k, v in next(iter(ds)).items()}
+        seg = row["segment_ids"] == 1
+        ids = np.append(row["tokens"][seg], row["targets"][seg][-1]).tolist()
+        mask = np.append(0, row["loss_mask"][seg]).tolist()  # mask[i]: token i is trained
+        n_prompt = len(tok.encode(prompt))
+        assert tok.decode(ids[:n_prompt]) == prompt
+        want_ids, want_mask = ids[n_prompt:], mask[n_prompt:]
+        runs, start = [], 0  # the model's own turns: maximal runs of trained tokens
+        for i in range(1, len(want_mask) + 1):
+            if i == len(want_mask) or want_mask[i] != want_mask[start]:
+                if want_mask[start]:
+                    runs.append(want_ids[start:i])
+                start = i
+        turns = iter(runs)
+
+        def replay(prompts, max_new_tokens, stop, turns=turns):
+            out = []
+            for _ in prompts:
+                t = next(turns)
+                reason = "stop_string" if tok.decode(t).endswith(STOP) else "eos"
+                out.append(FakeCompletion(t, [fake_logprob(x) for x in t], reason))
+            return out
+
+        (traj,) = run_tir(replay, tok, [ids[:n_prompt]], max_new_tokens=200, pool=pool)
+        assert traj.text == response
+        assert traj.tokens == want_ids
+        assert traj.loss_mask == want_mask

@@ -327,14 +327,16 @@ def pretrain_dataset(
 # SFT
 
 _OUTPUT_FENCE = "```output"
-_OUTPUT_BLOCK = re.compile(r"```output(.*?)(```|\Z)", re.DOTALL)
+_OUTPUT_BLOCK = re.compile(r"```output(.*?)(```\n?|\Z)", re.DOTALL)
 
 
 def tir_output_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of ``text`` that the interpreter wrote, i.e. carry no SFT loss.
 
-    For each block ``"```output" + content + "```"`` the span runs from just after the opening
-    fence ``"```output"`` through the closing fence; an unclosed block runs to the end.
+    For each block ``"```output" + content + "```\\n"`` the span runs from just after the
+    opening fence ``"```output"`` through the closing fence and its newline: exactly the text
+    the TIR loop appends, so SFT tokenizes it as the loop does (a token boundary that differs
+    between training and sampling throws a small model off). An unclosed block runs to the end.
     """
     return [(m.start(1), m.end(2)) for m in _OUTPUT_BLOCK.finditer(text)]
 
