@@ -29,21 +29,25 @@ def get_config():
     stage_train = dict(batch_size=16, seq_len=256, warmup_steps=20, checkpoint_every_steps=100)
     c.demo = ml_collections.ConfigDict({
         "pretrain": dict(stage_train, steps=200, lr=3e-3, end_lr=3e-4),
-        "sft": dict(stage_train, steps=600, lr=2e-3, end_lr=2e-4),
-        "rm": dict(stage_train, steps=100, batch_size=8, seq_len=320, lr=1e-3, end_lr=1e-4),
+        "sft": dict(stage_train, steps=700, lr=2e-3, end_lr=2e-4),
+        "rm": dict(stage_train, steps=60, batch_size=8, seq_len=320, lr=1e-3, end_lr=1e-4),
         "rft": dict(stage_train, steps=100, lr=2e-4, end_lr=2e-5, warmup_steps=5),
-        "grpo_train": dict(steps=10, lr=5e-5, end_lr=5e-5, warmup_steps=0, decay="constant",
+        "grpo_train": dict(steps=10, lr=1e-4, end_lr=1e-4, warmup_steps=0, decay="constant",
                            checkpoint_every_steps=4),
-        "grpo": dict(mode="cot", group_size=8, prompts_per_step=8, mini_batch=32, passes=1,
+        "grpo": dict(mode="tir", group_size=8, prompts_per_step=8, mini_batch=32, passes=1,
                      max_prompt_len=128, max_new_tokens=192, kl_coef=1e-3),
         "synth": dict(n=6, max_new_tokens=192, batch_size=32, temperature=0.7, top_p=0.8,
                       reference_positive=True),
         "rm_problems": 96,
-        "rm_mode": "cot",  # sampling mode of the RM data (tir: see the closing note of session 1)
+        "rm_mode": "tir",  # sampling mode of the RM data
+        "rm_held_out_problems": 48,  # test-split problems whose sampled groups score the RM
         "synth_problems": 96,
+        "synth_modes": "tir",  # the report's online rejection fine-tuning round is TIR
         "rft_new_paths_share": 0.25,  # of the RFT round's SFT mix
         "eval_problems": 48,
         "eval_k": 8,
+        "eval_temperature": 0.7,
+        "eval_top_p": 0.8,
         "eval_max_new_tokens": 192,
     })
     return c

@@ -79,7 +79,8 @@ def run(cfg, workdir: str):
     def make_rm_data():
         os.makedirs(dirs["rm_data"], exist_ok=True)
         reports = {}
-        for path, split, count in ((rm_data, "train", d.rm_problems), (rm_eval, "test", 32)):
+        for path, split, count in ((rm_data, "train", d.rm_problems),
+                                   (rm_eval, "test", d.rm_held_out_problems)):
             held_out = split == "test"  # scored as sampled: no reference positives
             scfg = _sub(cfg, "synth", init={"checkpoint": dirs["sft"]}, **shared,
                         synth={**d.synth, "write": "rm", "num_problems": count, "out": path,
@@ -87,11 +88,11 @@ def run(cfg, workdir: str):
                                "reference_positive": d.synth.reference_positive
                                and not held_out})
             reports[split] = synth.synthesize(
-                scfg, *synth._policy(scfg), tok, _problems(scfg, split, count), path)
+                scfg, *synth._policy(scfg), tok, _problems(scfg, split, count, mode=d.rm_mode), path)
         return {"train": reports["train"], "held_out": reports["test"]}
 
     stage("rm data", dirs["rm_data"], make_rm_data)
-    stage("rm", dirs["rm"], lambda: _rm_report(reward_model.run(
+    rm_held_out = stage("rm", dirs["rm"], lambda: _rm_report(reward_model.run(
         _sub(cfg, "rm", train=d.rm, init={"checkpoint": dirs["sft"]}, data={"sources": rm_data},
              rm={"eval_source": rm_eval}, **shared), dirs["rm"]), dirs["rm"]))
     stage("grpo", dirs["grpo"], lambda: grpo.run(
@@ -103,16 +104,16 @@ def run(cfg, workdir: str):
     def synth_round():
         os.makedirs(dirs["synth"], exist_ok=True)
         reports = {}
-        for mode in ("cot", "tir"):
+        for mode in d.synth_modes.split(","):
             scfg = _sub(cfg, "synth", init={"checkpoint": dirs["grpo"]}, **shared,
                         synth={**d.synth, "write": "sft", "mode": mode,
                                "num_problems": d.synth_problems, "offset": 10_000,
                                "rm_checkpoint": dirs["rm"], "out": f"{synth_out}.{mode}"})
             reports[mode] = synth.synthesize(scfg, *synth._policy(scfg), tok,
-                                             _problems(scfg, "train", d.synth_problems, 10_000),
+                                             _problems(scfg, "train", d.synth_problems, 10_000, mode),
                                              f"{synth_out}.{mode}", rm=synth._load_rm(scfg, tok))
         with open(synth_out, "w") as out:
-            for mode in ("cot", "tir"):
+            for mode in d.synth_modes.split(","):
                 out.write(open(f"{synth_out}.{mode}").read())
         return reports
 
@@ -135,21 +136,23 @@ def run(cfg, workdir: str):
     table = stage("eval", dirs["eval"], lambda: evaluate_stages(cfg, tok, dirs))
     check = stage("export", dirs["export"], lambda: export_and_check(dirs["rft"], tok,
                                                                         dirs["export"]))
-    summary = {"table": table, "export_check": check,
+    summary = {"table": table, "rm_held_out": rm_held_out, "export_check": check,
                "stage_seconds": times}
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(format_demo_table(table))
     _plot_summary(table, os.path.join(workdir, "demo_summary.png"))
+    print(f"[demo] RM on held-out groups of the SFT model's samples: {rm_held_out}")
     print(f"[demo] export check: {check}")
     return summary
 
 
-def _problems(cfg, split: str, count: int, offset: int = 0) -> list[dict]:
+def _problems(cfg, split: str, count: int, offset: int = 0, mode: str = "cot") -> list[dict]:
+    """Corpus problems; `solution` is the reference written in `mode` (cot or tir)."""
     corpus = common.synthetic_corpus(cfg, split)
     rows = [corpus[offset + i] for i in range(count)]
     return [{"idx": offset + i, "question": r["question"], "answer": r["answer"],
-             "kind": r["kind"], "solution": r["cot"]} for i, r in enumerate(rows)]
+             "kind": r["kind"], "solution": r[mode]} for i, r in enumerate(rows)]
 
 
 def _rm_report(state, rm_dir):
@@ -174,7 +177,8 @@ def evaluate_stages(cfg, tok, dirs) -> dict:
         policy_cfg, params = checkpoint.load_params(dirs[stage])
         summary = evaluate.evaluate(
             policy_cfg, params, tok, by_kind, modes=("cot", "tir"), k=d.eval_k,
-            workdir=os.path.join(dirs["eval"], stage), rm=rm, temperature=0.7, top_p=0.8,
+            workdir=os.path.join(dirs["eval"], stage), rm=rm, temperature=d.eval_temperature,
+            top_p=d.eval_top_p,
             max_new_tokens=d.eval_max_new_tokens, batch_size=64, seed=cfg.seed,
             progress=False, verbose=False)
         table[stage] = summary["results"]
