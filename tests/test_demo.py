@@ -11,7 +11,7 @@ SHORT = [
     "--config.demo.pretrain.steps=2", "--config.demo.sft.steps=2", "--config.demo.rm.steps=2",
     "--config.demo.rft.steps=2", "--config.demo.grpo_train.steps=1",
     "--config.demo.grpo_train.checkpoint_every_steps=1", "--config.demo.rm_problems=4",
-    "--config.demo.synth_problems=4", "--config.demo.eval_problems=2", "--config.demo.eval_k=2",
+    "--config.demo.rm_held_out_problems=4", "--config.demo.synth_problems=4", "--config.demo.eval_problems=2", "--config.demo.eval_k=2",
     "--config.demo.eval_max_new_tokens=24", "--config.demo.synth.max_new_tokens=24",
     "--config.demo.grpo.max_new_tokens=24", "--config.demo.grpo.prompts_per_step=2",
     "--config.demo.grpo.group_size=4", "--config.demo.grpo.mini_batch=8",
@@ -35,6 +35,7 @@ def test_short_demo_runs_every_stage_and_its_hf_export_matches(tmp_path):
         assert set(stage["add"]) == {"cot", "tir"}
         assert {"greedy", "maj@2", "rm@2"} <= set(stage["add"]["cot"])
     assert summary["export_check"]["same_greedy_tokens"] is True
+    assert isinstance(summary["rm_held_out"], dict)  # empty when no held-out group is mixed
     assert (workdir / "demo_summary.png").exists()
     for stage in ("pretrain", "sft", "rm", "grpo", "rft"):
         assert (workdir / stage / "DONE").exists(), stage

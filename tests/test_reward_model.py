@@ -38,6 +38,7 @@ def test_rm_stage_learns_to_rank_and_reports_held_out_metrics(tmp_path):
     report = json.loads((tmp_path / "run" / "rm_eval.json").read_text())
     assert report["groups"] == 16
     assert report["pair_accuracy"] > 0.9, report
+    assert report["top_correct_chance"] == 2 / 6  # every group: 2 correct of 6
 
 
 def test_rm_params_take_the_lm_trunk_and_a_new_head():

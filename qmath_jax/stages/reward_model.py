@@ -16,6 +16,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qmath_jax.data import pipelines, sources
 from qmath_jax.model import Transformer, init_params
@@ -73,17 +74,30 @@ def rm_params_from_lm(lm_params, rm_cfg, seed: int = 0):
 
 
 def evaluate(model, params, batches) -> dict:
-    """Pair accuracy and top-1 correctness over held-out groups."""
+    """Pair accuracy and top-1 correctness over held-out groups, with their chance levels.
+
+    Chance is 0.5 for a pair; for the top answer it is the share of correct answers in
+    the group (a random pick), averaged like `top_correct` over the groups with pairs.
+    """
     score = jax.jit(lambda p, b: scores_at_last_token(model, p, b))
-    totals = {"weight": 0.0, "pair_accuracy": 0.0, "top_correct": 0.0, "loss": 0.0}
+    totals = {"weight": 0.0, "pair_accuracy": 0.0, "top_correct": 0.0, "loss": 0.0,
+              "top_correct_chance": 0.0}
     for batch in batches:
         s = score(params, {k: jnp.asarray(v) for k, v in batch.items()})
         loss, aux = listwise_rm_loss(s, jnp.asarray(batch["labels"]))
         for k in ("weight", "pair_accuracy", "top_correct"):
             totals[k] += float(aux[k])
         totals["loss"] += float(loss)
+        totals["top_correct_chance"] += _random_pick_correct(batch)
     n = max(totals.pop("weight"), 1.0)
     return {k: v / n for k, v in totals.items()} | {"groups": n}
+
+
+def _random_pick_correct(batch) -> float:
+    """Sum over the groups with pairs of the share of correct responses (a random pick)."""
+    labels_BG = np.asarray(batch["labels"], dtype=np.float64)
+    k_B, g = labels_BG.sum(axis=1), labels_BG.shape[1]
+    return float(np.sum(np.where((k_B > 0) & (k_B < g), k_B / g, 0.0)))
 
 
 def run(cfg, workdir: str):
