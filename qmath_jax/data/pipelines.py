@@ -576,6 +576,7 @@ def rm_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     too_long: str = "drop",
+    drop_remainder: bool = True,
     tokenize_batch: int = 16,
     num_threads: int = 2,
 ) -> grain.IterDataset:
@@ -599,6 +600,8 @@ def rm_dataset(
       seed, shuffle, num_epochs, shard_index, shard_count: As in :func:`pretrain_dataset`.
       too_long: A response row longer than T: ``"drop"`` the group (default), ``"truncate"``
         it to T (``last_index`` then marks the last kept token) or ``"error"``.
+      drop_remainder: Drop a last batch of fewer than B groups (training); keep it
+        (evaluation) and it comes out as ``[b < B, ...]``.
       tokenize_batch, num_threads: As in :func:`pretrain_dataset`.
 
     Returns:
@@ -628,7 +631,7 @@ def rm_dataset(
         records, prep, records_per_call=tokenize_batch, num_threads=num_threads
     )
     stream = AccountedFlatMap(stream, fatal=_fatal(too_long), quiet=("all_correct", "all_wrong"))
-    return stream.batch(batch_size, drop_remainder=True)
+    return stream.batch(batch_size, drop_remainder=drop_remainder)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,12 +44,13 @@ def rm_loss(model: Transformer):
     return loss_fn
 
 
-def dataset(cfg, tok, source_spec: str, *, shuffle=True, num_epochs=None):
+def dataset(cfg, tok, source_spec: str, *, shuffle=True, num_epochs=None, drop_remainder=True):
     src = sources.open_source(source_spec, required=("question", "responses", "labels"))
     return pipelines.rm_dataset(
         src, tok, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
         group_size=cfg.rm.group_size, seed=cfg.seed, shuffle=shuffle, num_epochs=num_epochs,
         too_long=cfg.data.too_long or "drop", num_threads=cfg.data.num_threads,
+        drop_remainder=drop_remainder,
     )
 
 
@@ -118,7 +119,8 @@ def run(cfg, workdir: str):
                          initial=start)
     if cfg.rm.eval_source:
         model = Transformer(model_cfg)
-        held_out = dataset(cfg, tok, cfg.rm.eval_source, shuffle=False, num_epochs=1)
+        held_out = dataset(cfg, tok, cfg.rm.eval_source, shuffle=False, num_epochs=1,
+                           drop_remainder=False)  # every held-out group counts
         report = evaluate(model, state.params, iter(held_out))
         with open(os.path.join(workdir, "rm_eval.json"), "w") as f:
             json.dump(report, f, indent=2)
