@@ -77,7 +77,9 @@ def peer(model, prompts, new_tokens: int, threads: int):
 def cache_memory(cfg, params, batch: int, new_tokens: int) -> dict:
     """Theoretical KV bytes per token against the compiled program's cache buffers."""
     buf_len = sampler._bucket(new_tokens)
-    cache_len = sampler._cache_len(sampler._bucket(PROMPT_LEN), buf_len)
+    cache_len, block = sampler._cache_geometry(
+        sampler._bucket(PROMPT_LEN), buf_len, sampler._uses_blocks(cfg, None)
+    )
     theory = kv_cache_bytes_per_token(cfg)
     from qmath_jax.model.transformer import init_cache
 
@@ -90,6 +92,7 @@ def cache_memory(cfg, params, batch: int, new_tokens: int) -> dict:
         n=1,
         buf_len=buf_len,
         cache_len=cache_len,
+        block=block,
         cache_dtype=cfg.dtype,
         greedy=True,
         top_k=0,

@@ -244,6 +244,35 @@ def split_cache(cache: dict) -> dict:
     }
 
 
+def block_cache(cache: dict, block: int) -> dict:
+    """The model's stacked cache -> per layer, its slots cut into blocks of `block`.
+
+    Layer i's keys become a tuple of [B, K, E, block] buffers (slots minor, so q . k is a
+    plain matrix product per row and head that reads the block in place) and its values
+    a tuple of [B, K, block, E] buffers. Each block is its own buffer so that attention
+    reads exactly the blocks some row has filled, with no slicing copy (see
+    `_block_attention`), and a decode step writes its token into one block in place.
+
+    Args:
+      cache: the model's cache, k and v [L, B, S, K, E] with S a multiple of `block`.
+      block: slots per block.
+
+    Returns:
+      {"k": L tuples of S / block key blocks, "v": the same for values, "end": [B]}.
+    """
+    layers, _, s, _, _ = cache["k"].shape
+    if s % block:
+        raise ValueError(f"cache length {s} must be a multiple of the attention block {block}")
+    k_LBKES = jnp.transpose(cache["k"], (0, 1, 3, 4, 2))
+    v_LBKSE = jnp.transpose(cache["v"], (0, 1, 3, 2, 4))
+    starts = range(0, s, block)
+    return {
+        "k": [tuple(k_LBKES[i, ..., j : j + block] for j in starts) for i in range(layers)],
+        "v": [tuple(v_LBKSE[i, :, :, j : j + block] for j in starts) for i in range(layers)],
+        "end": cache["end"],
+    }
+
+
 def layer_params(params: dict) -> list[dict]:
     """The stacked [L, ...] layer params as L per-layer trees."""
     layers = jax.tree.leaves(params["layers"])[0].shape[0]
@@ -255,17 +284,20 @@ def decode_step(
 ) -> tuple[jax.Array, dict]:
     """Appends one token per row at cache["end"] and returns ([B, V] logits, cache).
 
-    The cache is `split_cache`'s: one [B, S, K, E] buffer per layer. The model's scanned
-    decode slices each layer out of the stacked [L, B, S, K, E] cache and stacks the
-    update back, copying the whole cache several times per token; here each layer's
-    buffer, carried through the decode loop, takes the new entry in place and attention
-    reads it directly. The layer math is `_decode_layer` (the model's decoder layer).
+    The cache holds one entry per layer, either `block_cache`'s key and value blocks (the
+    XLA path `generate` runs) or `split_cache`'s [B, S, K, E] buffer (attention then goes
+    to `attention.decode_attend`, the kernels' layout). The model's scanned decode slices
+    each layer out of the stacked [L, B, S, K, E] cache and stacks the update back,
+    copying the whole cache several times per token; here each layer's buffers, carried
+    through the decode loop, take the new entry in place and attention reads them
+    directly. The layer math is `_decode_layer` (the model's decoder layer).
 
     Args:
       cfg: the ModelConfig.
       params: model params (embedding, final norm and LM head are read from it).
       tokens_B: [B] the previous token of each row.
-      cache: `split_cache` form; row b's token goes to slot end[b], at position end[b].
+      cache: `block_cache` or `split_cache` form; row b's token goes to slot end[b], at
+        position end[b].
       mesh: the mesh the step is compiled for, or None.
       layers: `layer_params(params)`, to slice the stacked params once outside a loop.
 
@@ -280,11 +312,9 @@ def decode_step(
     x_B1D = _constrain(x_B1D, ("batch", "length", "embed"))
     new_k, new_v = [], []
     for i, lp in enumerate(layers):
-        x_B1D, k_BSKE, v_BSKE = _decode_layer(
-            cfg, lp, x_B1D, cache["k"][i], cache["v"][i], end_B, mesh
-        )
-        new_k.append(k_BSKE)
-        new_v.append(v_BSKE)
+        x_B1D, k_i, v_i = _decode_layer(cfg, lp, x_B1D, cache["k"][i], cache["v"][i], end_B, mesh)
+        new_k.append(k_i)
+        new_v.append(v_i)
     hidden_B1D = RMSNorm(cfg).apply({"params": params["final_norm"]}, x_B1D)
     logits_BV = lm_head_logits(cfg, params, hidden_B1D[:, 0])
     return logits_BV, {"k": new_k, "v": new_v, "end": end_B + 1}
@@ -296,13 +326,13 @@ def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
 
 
-def _decode_layer(cfg, lp: dict, x_B1D, k_BSKE, v_BSKE, end_B, mesh):
+def _decode_layer(cfg, lp: dict, x_B1D, k_cache, v_cache, end_B, mesh):
     """One decoder layer for one new token per row: the model's `DecoderLayer` decode path.
 
     Same params, ops and order as `transformer.Attention` / `DecoderLayer` (norms, RoPE
     and the MLP are the model's own); it differs in writing the new k/v straight into
-    this layer's buffer and, on the XLA path, in `_blocked_decode_attention`, which reads
-    only the cache blocks some row has filled. Kernel impls go to `decode_attend`.
+    this layer's cache buffers and, for a `block_cache`, in `_block_attention`, which
+    reads only the blocks some row has filled.
     """
     from qmath_jax.model import attention
     from qmath_jax.model.transformer import MLP, RMSNorm, rope
@@ -325,15 +355,20 @@ def _decode_layer(cfg, lp: dict, x_B1D, k_BSKE, v_BSKE, end_B, mesh):
     k_B1KE = _constrain(
         rope(k_B1KE, positions_B1, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim")
     )
-    rows_B = jnp.arange(end_B.shape[0])
-    k_BSKE = k_BSKE.at[rows_B, end_B].set(k_B1KE[:, 0].astype(k_BSKE.dtype), unique_indices=True)
-    v_BSKE = v_BSKE.at[rows_B, end_B].set(v_B1KE[:, 0].astype(v_BSKE.dtype), unique_indices=True)
-    impl = attention.resolve_impl(cfg.attention_impl, attention.target_platform(mesh))
-    if impl == "xla":
-        out_BHE = _blocked_decode_attention(q_B1HE[:, 0], k_BSKE, v_BSKE, end_B + 1)
+    if isinstance(k_cache, tuple):
+        k_cache = _write_blocks(k_cache, k_B1KE[:, 0], end_B, slot_axis=3)
+        v_cache = _write_blocks(v_cache, v_B1KE[:, 0], end_B, slot_axis=2)
+        out_BHE = _block_attention(q_B1HE[:, 0], k_cache, v_cache, end_B + 1)
     else:
+        rows_B = jnp.arange(end_B.shape[0])
+        k_cache = k_cache.at[rows_B, end_B].set(
+            k_B1KE[:, 0].astype(k_cache.dtype), unique_indices=True
+        )
+        v_cache = v_cache.at[rows_B, end_B].set(
+            v_B1KE[:, 0].astype(v_cache.dtype), unique_indices=True
+        )
         out_BHE = attention.decode_attend(
-            q_B1HE[:, 0], k_BSKE, v_BSKE, end_B + 1, impl=impl, mesh=mesh
+            q_B1HE[:, 0], k_cache, v_cache, end_B + 1, impl=cfg.attention_impl, mesh=mesh
         )
     attn_B1D = jnp.einsum(
         "BTHE,HED->BTD", out_BHE[:, None].astype(dtype), a["o_kernel"].astype(dtype)
@@ -341,55 +376,80 @@ def _decode_layer(cfg, lp: dict, x_B1D, k_BSKE, v_BSKE, end_B, mesh):
     x_B1D = x_B1D + attn_B1D
     normed_B1D = RMSNorm(cfg).apply({"params": lp["post_attn_norm"]}, x_B1D)
     x_B1D = x_B1D + MLP(cfg).apply({"params": lp["mlp"]}, normed_B1D)
-    return _constrain(x_B1D, ("batch", "length", "embed")), k_BSKE, v_BSKE
+    return _constrain(x_B1D, ("batch", "length", "embed")), k_cache, v_cache
 
 
-ATTENTION_BLOCK = 64  # cache slots per step of `_blocked_decode_attention`
+def _write_blocks(blocks: tuple, new_BKE, end_B, slot_axis: int) -> tuple:
+    """Writes row b's new [K, E] entry at slot end[b] of the block that holds it.
+
+    Every block gets a scatter in which only the rows whose slot lies in it have an
+    in-range index (the others point one past the block and are dropped), so each write
+    touches B entries in place, never a whole block.
+    """
+    block = blocks[0].shape[slot_axis]
+    rows_B = jnp.arange(end_B.shape[0])
+    out = []
+    for j, buf in enumerate(blocks):
+        slot_B = end_B - j * block
+        slot_B = jnp.where((slot_B >= 0) & (slot_B < block), slot_B, block)
+        index = (rows_B, slice(None), slice(None), slot_B)
+        if slot_axis == 2:
+            index = (rows_B, slice(None), slot_B)
+        out.append(
+            buf.at[index].set(new_BKE.astype(buf.dtype), mode="drop", unique_indices=True)
+        )
+    return tuple(out)
 
 
-def _blocked_decode_attention(q_BHE, k_BSKE, v_BSKE, lengths_B, block: int | None = None):
-    """Decode attention over only the cache blocks below max(lengths), online softmax.
+def _block_attention(q_BHE, k_blocks, v_blocks, lengths_B):
+    """Decode attention over the filled blocks of a `block_cache` layer, online softmax.
 
     Equals `attention.decode_attention_xla` (float32 softmax, E**-0.5 scale after the
-    dot) but a loop with a data-dependent trip count reads ceil(max(lengths) / block)
-    blocks instead of all S slots. Products are formed elementwise and reduced, so the
-    [B, S, K, E] cache is read in place (a dot with K as a batch dimension makes XLA
-    transpose the whole cache first).
+    dot). Block j is read only when some row has more than j * block slots, under a
+    `lax.cond` on max(lengths), so a step reads about max(lengths) slots instead of all
+    S; both products are plain batched matrix products over the block buffers in place
+    (keys [B, K, E, s], values [B, K, s, E]).
 
     Returns:
       [B, H, E] in q's dtype.
     """
-    block = block or ATTENTION_BLOCK
     b, h, e = q_BHE.shape
-    s, kh = k_BSKE.shape[1], k_BSKE.shape[2]
-    if s % block:
-        raise ValueError(f"cache length {s} must be a multiple of the attention block {block}")
-    q_B1KGE = q_BHE.reshape(b, 1, kh, h // kh, e).astype(jnp.float32)
-    neg_inf = jnp.float32(-1e30)
-
-    def body(j, carry):
-        m_BKG, l_BKG, acc_BKGE = carry
-        k_blk = jax.lax.dynamic_slice_in_dim(k_BSKE, j * block, block, axis=1)
-        v_blk = jax.lax.dynamic_slice_in_dim(v_BSKE, j * block, block, axis=1)
-        logits_BsKG = jnp.sum(q_B1KGE * k_blk[:, :, :, None, :].astype(jnp.float32), -1) * (e**-0.5)
-        valid_Bs = (j * block + jnp.arange(block))[None, :] < lengths_B[:, None]
-        logits_BsKG = jnp.where(valid_Bs[:, :, None, None], logits_BsKG, neg_inf)
-        m_new = jnp.maximum(m_BKG, jnp.max(logits_BsKG, axis=1))
-        p_BsKG = jnp.where(valid_Bs[:, :, None, None], jnp.exp(logits_BsKG - m_new[:, None]), 0.0)
-        rescale = jnp.exp(m_BKG - m_new)
-        l_new = l_BKG * rescale + jnp.sum(p_BsKG, axis=1)
-        pv_BKGE = jnp.sum(p_BsKG[..., None] * v_blk[:, :, :, None, :].astype(jnp.float32), axis=1)
-        return m_new, l_new, acc_BKGE * rescale[..., None] + pv_BKGE
-
-    init = (
-        jnp.full((b, kh, h // kh), neg_inf),
-        jnp.zeros((b, kh, h // kh)),
-        jnp.zeros((b, kh, h // kh, e)),
+    kh, block = k_blocks[0].shape[1], k_blocks[0].shape[3]
+    q_BKGE = q_BHE.reshape(b, kh, h // kh, e).astype(jnp.float32)
+    longest = jnp.max(lengths_B)
+    carry = (
+        jnp.full((b, kh, h // kh), -1e30, jnp.float32),
+        jnp.zeros((b, kh, h // kh), jnp.float32),
+        jnp.zeros((b, kh, h // kh, e), jnp.float32),
     )
-    num_blocks = (jnp.max(lengths_B) + block - 1) // block
-    _, l_BKG, acc_BKGE = jax.lax.fori_loop(0, num_blocks, body, init)
+    for j, (k_BKEs, v_BKsE) in enumerate(zip(k_blocks, v_blocks)):
+        add = functools.partial(_attend_block, q_BKGE, k_BKEs, v_BKsE, lengths_B, j * block)
+        carry = add(carry) if j == 0 else jax.lax.cond(j * block < longest, add, _same, carry)
+    _, l_BKG, acc_BKGE = carry
     out_BKGE = acc_BKGE / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
     return out_BKGE.reshape(b, h, e).astype(q_BHE.dtype)
+
+
+def _same(carry):
+    return carry
+
+
+def _attend_block(q_BKGE, k_BKEs, v_BKsE, lengths_B, start: int, carry):
+    """Folds one cache block into the running (max, sum, weighted values) of each query."""
+    m_BKG, l_BKG, acc_BKGE = carry
+    e, block = q_BKGE.shape[-1], k_BKEs.shape[-1]
+    logits_BKGs = jnp.einsum(
+        "BKGE,BKEs->BKGs", q_BKGE, k_BKEs.astype(jnp.float32), preferred_element_type=jnp.float32
+    ) * (e**-0.5)
+    valid_BKGs = ((start + jnp.arange(block))[None, :] < lengths_B[:, None])[:, None, None]
+    logits_BKGs = jnp.where(valid_BKGs, logits_BKGs, -1e30)
+    m_new = jnp.maximum(m_BKG, jnp.max(logits_BKGs, axis=-1))
+    p_BKGs = jnp.where(valid_BKGs, jnp.exp(logits_BKGs - m_new[..., None]), 0.0)
+    rescale = jnp.exp(m_BKG - m_new)
+    pv_BKGE = jnp.einsum(
+        "BKGs,BKsE->BKGE", p_BKGs, v_BKsE.astype(jnp.float32), preferred_element_type=jnp.float32
+    )
+    return m_new, l_BKG * rescale + jnp.sum(p_BKGs, axis=-1), acc_BKGE * rescale[..., None] + pv_BKGE
 
 
 # ----------------------------------------------------------------------------- the jitted loop
@@ -404,6 +464,7 @@ class _Static:
     n: int  # decode rows per prefill row
     buf_len: int  # N, the new-token buffer
     cache_len: int  # S
+    block: int  # cache slots per attention block; 0 = one [B, S, K, E] buffer per layer
     cache_dtype: str
     greedy: bool
     top_k: int
@@ -411,24 +472,51 @@ class _Static:
 
 
 def _constrain_cache(cache: dict, mesh) -> dict:
-    """Shards a cache (stacked or split) like the model: rows on data/fsdp, kv heads on tensor."""
+    """Shards any cache form like the model: rows on data/fsdp, kv heads on tensor.
+
+    Stacked [L, B, S, K, E], `split_cache`'s per-layer [B, S, K, E] or `block_cache`'s
+    per-layer key [B, K, E, s] and value [B, K, s, E] blocks.
+    """
     if mesh is None:
         return cache
     from qmath_jax import parallel
     from qmath_jax.model.transformer import CACHE_AXES
 
-    specs = {k: jax.sharding.PartitionSpec(*v) for k, v in CACHE_AXES.items()}
-    layer_spec = jax.sharding.PartitionSpec(*CACHE_AXES["k"][1:])  # one layer's [B, S, K, E]
-    shard = functools.partial(parallel.logical_to_sharding, mesh=mesh)
-    out = {"end": jax.lax.with_sharding_constraint(cache["end"], shard(specs["end"]))}
+    layer_axes = CACHE_AXES["k"][1:]  # one layer's [B, S, K, E]
+    block_axes = {  # the same names, permuted like `block_cache`
+        "k": tuple(layer_axes[i] for i in (0, 2, 3, 1)),
+        "v": tuple(layer_axes[i] for i in (0, 2, 1, 3)),
+    }
+
+    def constrain(x, axes):
+        spec = jax.sharding.PartitionSpec(*axes)
+        return jax.lax.with_sharding_constraint(x, parallel.logical_to_sharding(spec, mesh))
+
+    out = {"end": constrain(cache["end"], CACHE_AXES["end"])}
     for name in ("k", "v"):
-        if isinstance(cache[name], list):
-            out[name] = [
-                jax.lax.with_sharding_constraint(x, shard(layer_spec)) for x in cache[name]
-            ]
+        if not isinstance(cache[name], list):
+            out[name] = constrain(cache[name], CACHE_AXES[name])
+        elif isinstance(cache[name][0], tuple):
+            out[name] = [tuple(constrain(x, block_axes[name]) for x in t) for t in cache[name]]
         else:
-            out[name] = jax.lax.with_sharding_constraint(cache[name], shard(specs[name]))
+            out[name] = [constrain(x, layer_axes) for x in cache[name]]
     return out
+
+
+def _decode_cache(prefilled: dict, st: _Static) -> dict:
+    """The prompt-sized prefill cache -> the decode loop's, with S = st.cache_len slots.
+
+    The n samples of a prompt share its prefill: its rows are repeated n times. Then one
+    entry per layer (see `decode_step`): `block_cache`'s blocks, or [B, S, K, E] buffers
+    for an attention kernel (st.block == 0).
+    """
+    pad = [(0, 0)] * 5
+    pad[2] = (0, st.cache_len - prefilled["k"].shape[2])
+    stacked = {
+        name: jnp.pad(jnp.repeat(prefilled[name], st.n, axis=1), pad) for name in ("k", "v")
+    }
+    stacked["end"] = jnp.repeat(prefilled["end"], st.n)
+    return block_cache(stacked, st.block) if st.block else split_cache(stacked)
 
 
 def _stop_checks(tok_B, recent_BM, ngen_B, stop_ids, patterns_QM, pattern_len_Q):
@@ -478,19 +566,10 @@ def _generate_chunk(
     from qmath_jax.model.transformer import init_cache
 
     cfg, mesh = st.cfg, st.mesh
-    p = tokens_PT.shape[0]
-    cache = _constrain_cache(init_cache(cfg, p, st.cache_len, st.cache_dtype), mesh)
+    p, t = tokens_PT.shape
+    cache = _constrain_cache(init_cache(cfg, p, t, st.cache_dtype), mesh)
     logits_PV, cache = prefill(cfg, params, tokens_PT, lengths_P, cache, mesh)
-    # The n samples of a prompt share its prefill: repeat the filled cache rows.
-    # One buffer per layer from here on (see `decode_step`).
-    cache = split_cache(
-        {
-            "k": jnp.repeat(cache["k"], st.n, axis=1),
-            "v": jnp.repeat(cache["v"], st.n, axis=1),
-            "end": jnp.repeat(cache["end"], st.n),
-        }
-    )
-    cache = _constrain_cache(cache, mesh)
+    cache = _constrain_cache(_decode_cache(cache, st), mesh)
     layers = layer_params(params)
     logits_BV = jnp.repeat(logits_PV, st.n, axis=0)
     b = logits_BV.shape[0]
@@ -630,9 +709,23 @@ def _bucket(x: int, minimum: int = 16) -> int:
     return -(-x // 512) * 512
 
 
-def _cache_len(prompt_len: int, buf_len: int) -> int:
-    """Cache slots for a prompt bucket and a new-token buffer, whole attention blocks."""
-    return -(-(prompt_len + buf_len) // ATTENTION_BLOCK) * ATTENTION_BLOCK
+ATTENTION_BLOCK = 64  # fewest cache slots per `block_cache` block
+MAX_ATTENTION_BLOCKS = 16  # longer caches get bigger blocks
+
+
+def _cache_geometry(prompt_len: int, buf_len: int, blocks: bool = True) -> tuple[int, int]:
+    """(cache slots S, slots per block) for a prompt bucket and a new-token buffer.
+
+    S is whole blocks of a multiple of ATTENTION_BLOCK slots, the smallest such that
+    there are at most MAX_ATTENTION_BLOCKS (each block costs a few ops per layer and
+    step; a step wastes at most one block's reads). Without blocks (an attention kernel
+    reads the cache) the block is 0 and S is whole ATTENTION_BLOCKs.
+    """
+    slots = prompt_len + buf_len
+    block = ATTENTION_BLOCK * -(-slots // (ATTENTION_BLOCK * MAX_ATTENTION_BLOCKS))
+    if not blocks:
+        return -(-slots // ATTENTION_BLOCK) * ATTENTION_BLOCK, 0
+    return -(-slots // block) * block, block
 
 
 def _batch_bucket(x: int, multiple: int) -> int:
@@ -754,18 +847,21 @@ def generate(
         params = jax.device_put(params, _param_shardings(model_cfg, mesh))
     stops = tuple(jnp.asarray(x) for x in _stop_arrays(tokenizer, stop_token_ids, stop_strings))
     buf_len = _bucket(max_new_tokens)
+    blocks = _uses_blocks(model_cfg, mesh)
     greedy = temperature == 0.0
     rows_per_unit, chunks = _units(len(prompts), n, max_batch)
     results: dict[tuple[int, int], Completion] = {}
     for chunk in chunks:
         p_rows = _batch_bucket(len(chunk), multiple)
         t_len = _bucket(max(len(prompts[p]) for p, _, _ in chunk))
+        cache_len, block = _cache_geometry(t_len, buf_len, blocks)
         st = _Static(
             cfg=model_cfg,
             mesh=mesh,
             n=rows_per_unit,
             buf_len=buf_len,
-            cache_len=_cache_len(t_len, buf_len),
+            cache_len=cache_len,
+            block=block,
             cache_dtype=str(jnp.dtype(cache_dtype or model_cfg.dtype)),
             greedy=greedy,
             top_k=top_k,
@@ -786,6 +882,13 @@ def generate(
         out = _run(args, st, mesh)
         _collect(out, rows, tokenizer, stop_strings, results)
     return [results[(p, s)] for p in range(len(prompts)) for s in range(n)]
+
+
+def _uses_blocks(cfg, mesh) -> bool:
+    """Whether decoding reads a `block_cache` (the XLA path) rather than a kernel's layout."""
+    from qmath_jax.model import attention
+
+    return attention.resolve_impl(cfg.attention_impl, attention.target_platform(mesh)) == "xla"
 
 
 def _run(args, st: _Static, mesh):
