@@ -5,7 +5,8 @@
 Runs pretrain -> SFT (CoT + TIR) -> RM data + RM -> GRPO -> a synth round + SFT ->
 evaluation of each stage (greedy, maj@8, RM@8; CoT and TIR) -> HF export, reloaded in
 transformers with the same greedy tokens. On a 2-core CPU: 25 minutes measured while other
-jobs shared the cores; about 17 minutes alone (the sum of each stage's idle-machine time).
+jobs shared the cores; an estimated 17 minutes alone
+(from the stage times of earlier runs on an idle machine).
 What it showed (one run, 24 held-out problems per row; TIR greedy / maj@8 / RM@8, %):
   2-digit sums      SFT 96 / 96 / 96   GRPO 96 / 96 / 96   synth round 100 / 100 / 100
   3-digit products  SFT 71 / 67 / 75   GRPO 75 / 71 / 75   synth round  83 /  79 /  75
