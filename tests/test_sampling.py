@@ -25,6 +25,7 @@ from qmath_jax.sampling import (
     split_cache,
     stop_string_patterns,
 )
+from qmath_jax.sampling.sampler import block_cache, rope_table
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -73,15 +74,17 @@ def _apply(cfg, params, tokens, segments):
 
 def _full_logprobs(cfg, params, prompt, tokens):
     """log_softmax of one full forward pass over prompt + tokens, at each generated token."""
-    logits = _full_logits(cfg, params, [prompt + tokens])[0]
+    width = -(-(len(prompt) + len(tokens)) // 64) * 64
+    logits = _full_logits(cfg, params, [prompt + tokens], width)[0]
     logp = jax.nn.log_softmax(logits, axis=-1)
     pos = np.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
     return np.asarray(logp[pos, np.array(tokens)])
 
 
-def test_greedy_matches_hf_generate(peer, prompts):
+@pytest.mark.parametrize("new", [16, 150])
+def test_greedy_matches_hf_generate(peer, prompts, new):
+    """16 new tokens fit one 64-slot attention block; 150 fill three (per-block conds)."""
     model, cfg, params = peer
-    new = 16
     ours = generate(cfg, params, prompts, new)
     for i, p in enumerate(prompts):
         with torch.no_grad():  # HF per prompt, unpadded
@@ -100,7 +103,11 @@ def test_greedy_matches_hf_generate(peer, prompts):
         )
 
 
-def test_prefill_and_decode_step_logits_equal_a_full_forward(peer, prompts):
+@pytest.mark.parametrize("form", ["split", "block"])
+def test_prefill_and_decode_step_logits_equal_a_full_forward(peer, prompts, form):
+    """Both cache forms: split_cache's buffers (attention kernels' layout) and
+    block_cache's blocks (the XLA path; 4-slot blocks, so the rows write and read
+    several blocks, at different ones), the latter with a precomputed rope table."""
     _, cfg, params = peer
     rows = prompts[:2]
     lengths = np.array([len(p) for p in rows], np.int32)
@@ -113,8 +120,11 @@ def test_prefill_and_decode_step_logits_equal_a_full_forward(peer, prompts):
         tokens, lengths, init_cache(cfg, 2, 64)
     )
     np.testing.assert_array_equal(cache["end"], lengths)
-    step = jax.jit(lambda t, c: decode_step(cfg, params, t, c))
-    cache = split_cache(cache)
+    if form == "split":
+        cache, rope = split_cache(cache), None
+    else:
+        cache, rope = block_cache(cache, 4), rope_table(cfg, 64)
+    step = jax.jit(lambda t, c: decode_step(cfg, params, t, c, rope=rope))
     # A causal forward over the whole sequence gives every prefix's next-token logits.
     full = _full_logits(cfg, params, [p + cont[b].tolist() for b, p in enumerate(rows)])
     for s in range(cont.shape[1] + 1):

@@ -58,13 +58,20 @@ class RMSNorm(nn.Module):
 
 def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, HF convention: the two halves of E are the rotated pair."""
-    e = x_BTNE.shape[-1]
+    return apply_rope(x_BTNE, *rope_tables(positions_BT, x_BTNE.shape[-1], theta))
+
+
+def rope_tables(positions_BT: jax.Array, e: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, 1, E/2] of `rope`'s angles, to share between several `apply_rope`."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
     angles_BTe = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    cos = jnp.cos(angles_BTe)[:, :, None, :]
-    sin = jnp.sin(angles_BTe)[:, :, None, :]
+    return jnp.cos(angles_BTe)[:, :, None, :], jnp.sin(angles_BTe)[:, :, None, :]
+
+
+def apply_rope(x_BTNE: jax.Array, cos_BT1e: jax.Array, sin_BT1e: jax.Array) -> jax.Array:
+    """`rope` with its (cos, sin) tables given."""
     x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([x1 * cos_BT1e - x2 * sin_BT1e, x2 * cos_BT1e + x1 * sin_BT1e], axis=-1)
     return out.astype(x_BTNE.dtype)
 
 

@@ -244,8 +244,8 @@ def split_cache(cache: dict) -> dict:
     }
 
 
-def block_cache(cache: dict, block: int) -> dict:
-    """The model's stacked cache -> per layer, its slots cut into blocks of `block`.
+def block_cache(cache: dict, block: int, slots: int | None = None) -> dict:
+    """The model's stacked cache -> per layer, `slots` cache slots cut into blocks of `block`.
 
     Layer i's keys become a tuple of [B, K, E, block] buffers (slots minor, so q . k is a
     plain matrix product per row and head that reads the block in place) and its values
@@ -254,21 +254,37 @@ def block_cache(cache: dict, block: int) -> dict:
     `_block_attention`), and a decode step writes its token into one block in place.
 
     Args:
-      cache: the model's cache, k and v [L, B, S, K, E] with S a multiple of `block`.
+      cache: the model's cache, k and v [L, B, T, K, E] (e.g. a prompt-sized prefill).
       block: slots per block.
+      slots: total slots S >= T, a multiple of `block` (default T); slots past T are
+        empty (zero).
 
     Returns:
       {"k": L tuples of S / block key blocks, "v": the same for values, "end": [B]}.
     """
-    layers, _, s, _, _ = cache["k"].shape
-    if s % block:
-        raise ValueError(f"cache length {s} must be a multiple of the attention block {block}")
-    k_LBKES = jnp.transpose(cache["k"], (0, 1, 3, 4, 2))
-    v_LBKSE = jnp.transpose(cache["v"], (0, 1, 3, 2, 4))
-    starts = range(0, s, block)
+    layers, b, t, kh, e = cache["k"].shape
+    slots = t if slots is None else slots
+    if slots % block or slots < t:
+        raise ValueError(f"{slots} cache slots must be >= {t} and a multiple of the block {block}")
+    k_LBKET = jnp.transpose(cache["k"], (0, 1, 3, 4, 2))
+    v_LBKTE = jnp.transpose(cache["v"], (0, 1, 3, 2, 4))
+
+    def key_block(i, j):
+        if j >= t:  # past the filled slots: zeros, no slicing or padding of the prefix
+            return jnp.zeros((b, kh, e, block), k_LBKET.dtype)
+        part = k_LBKET[i, ..., j : j + block]
+        return jnp.pad(part, [(0, 0)] * 3 + [(0, block - part.shape[-1])])
+
+    def value_block(i, j):
+        if j >= t:
+            return jnp.zeros((b, kh, block, e), v_LBKTE.dtype)
+        part = v_LBKTE[i, :, :, j : j + block]
+        return jnp.pad(part, [(0, 0)] * 2 + [(0, block - part.shape[2]), (0, 0)])
+
+    starts = range(0, slots, block)
     return {
-        "k": [tuple(k_LBKES[i, ..., j : j + block] for j in starts) for i in range(layers)],
-        "v": [tuple(v_LBKSE[i, :, :, j : j + block] for j in starts) for i in range(layers)],
+        "k": [tuple(key_block(i, j) for j in starts) for i in range(layers)],
+        "v": [tuple(value_block(i, j) for j in starts) for i in range(layers)],
         "end": cache["end"],
     }
 
@@ -280,7 +296,13 @@ def layer_params(params: dict) -> list[dict]:
 
 
 def decode_step(
-    cfg, params: dict, tokens_B: jax.Array, cache: dict, mesh=None, layers: list[dict] | None = None
+    cfg,
+    params: dict,
+    tokens_B: jax.Array,
+    cache: dict,
+    mesh=None,
+    layers: list[dict] | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict]:
     """Appends one token per row at cache["end"] and returns ([B, V] logits, cache).
 
@@ -300,6 +322,7 @@ def decode_step(
         position end[b].
       mesh: the mesh the step is compiled for, or None.
       layers: `layer_params(params)`, to slice the stacked params once outside a loop.
+      rope: `rope_table(cfg, S)`, to compute the rotary tables once outside a loop.
 
     Returns:
       ([B, V] float32 logits, the cache with end + 1).
@@ -310,9 +333,12 @@ def decode_step(
     end_B = cache["end"]
     x_B1D = jnp.take(params["embedding"], tokens_B[:, None], axis=0).astype(cfg.dtype)
     x_B1D = _constrain(x_B1D, ("batch", "length", "embed"))
+    rope_B11e = _step_rope(cfg, end_B, rope)
     new_k, new_v = [], []
     for i, lp in enumerate(layers):
-        x_B1D, k_i, v_i = _decode_layer(cfg, lp, x_B1D, cache["k"][i], cache["v"][i], end_B, mesh)
+        x_B1D, k_i, v_i = _decode_layer(
+            cfg, lp, x_B1D, cache["k"][i], cache["v"][i], end_B, rope_B11e, mesh
+        )
         new_k.append(k_i)
         new_v.append(v_i)
     hidden_B1D = RMSNorm(cfg).apply({"params": params["final_norm"]}, x_B1D)
@@ -326,20 +352,42 @@ def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
 
 
-def _decode_layer(cfg, lp: dict, x_B1D, k_cache, v_cache, end_B, mesh):
+def rope_table(cfg, slots: int) -> tuple[jax.Array, jax.Array]:
+    """RoPE's (cos, sin) [S, E/2] at cache slots 0..S-1, for `decode_step`.
+
+    Built once before a decode loop, so that a step only gathers each row's entry.
+    Computed inside the step instead, cos and sin get fused into every rotation and
+    recomputed per output element (~0.07 ms per q or k rotation at batch 64, more than
+    the k projection itself).
+    """
+    from qmath_jax.model.transformer import rope_tables
+
+    cos_1S1e, sin_1S1e = rope_tables(jnp.arange(slots)[None], cfg.head_dim, cfg.rope_theta)
+    return cos_1S1e[0, :, 0], sin_1S1e[0, :, 0]
+
+
+def _step_rope(cfg, end_B, table):
+    """RoPE's (cos, sin) [B, 1, 1, E/2] at each row's position, shared by every layer."""
+    from qmath_jax.model.transformer import rope_tables
+
+    if table is None:
+        return rope_tables(end_B[:, None], cfg.head_dim, cfg.rope_theta)
+    return tuple(jnp.take(t_Se, end_B, axis=0)[:, None, None] for t_Se in table)
+
+
+def _decode_layer(cfg, lp: dict, x_B1D, k_cache, v_cache, end_B, rope_B11e, mesh):
     """One decoder layer for one new token per row: the model's `DecoderLayer` decode path.
 
     Same params, ops and order as `transformer.Attention` / `DecoderLayer` (norms, RoPE
-    and the MLP are the model's own); it differs in writing the new k/v straight into
-    this layer's cache buffers and, for a `block_cache`, in `_block_attention`, which
-    reads only the blocks some row has filled.
+    and the MLP are the model's own; the RoPE tables come from `_step_rope`); it differs
+    in writing the new k/v straight into this layer's cache buffers and, for a
+    `block_cache`, in `_block_attention`, which reads only the blocks some row has filled.
     """
     from qmath_jax.model import attention
-    from qmath_jax.model.transformer import MLP, RMSNorm, rope
+    from qmath_jax.model.transformer import MLP, RMSNorm, apply_rope
 
     dtype = jnp.dtype(cfg.dtype)
     a = lp["attn"]
-    positions_B1 = end_B[:, None]
     h_B1D = RMSNorm(cfg).apply({"params": lp["input_norm"]}, x_B1D).astype(dtype)
 
     def project(kernel, bias, spec):
@@ -349,16 +397,14 @@ def _decode_layer(cfg, lp: dict, x_B1D, k_cache, v_cache, end_B, mesh):
     q_B1HE = project("q_kernel", "q_bias", "BTD,DHE->BTHE")
     k_B1KE = project("k_kernel", "k_bias", "BTD,DKE->BTKE")
     v_B1KE = project("v_kernel", "v_bias", "BTD,DKE->BTKE")
-    q_B1HE = _constrain(
-        rope(q_B1HE, positions_B1, cfg.rope_theta), ("batch", "length", "heads", "head_dim")
-    )
+    q_B1HE = _constrain(apply_rope(q_B1HE, *rope_B11e), ("batch", "length", "heads", "head_dim"))
     k_B1KE = _constrain(
-        rope(k_B1KE, positions_B1, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim")
+        apply_rope(k_B1KE, *rope_B11e), ("batch", "length", "kv_heads", "head_dim")
     )
     if isinstance(k_cache, tuple):
-        k_cache = _write_blocks(k_cache, k_B1KE[:, 0], end_B, slot_axis=3)
-        v_cache = _write_blocks(v_cache, v_B1KE[:, 0], end_B, slot_axis=2)
-        out_BHE = _block_attention(q_B1HE[:, 0], k_cache, v_cache, end_B + 1)
+        out_BHE, k_cache, v_cache = _block_attention(
+            q_B1HE[:, 0], k_B1KE[:, 0], v_B1KE[:, 0], k_cache, v_cache, end_B
+        )
     else:
         rows_B = jnp.arange(end_B.shape[0])
         k_cache = k_cache.at[rows_B, end_B].set(
@@ -370,8 +416,11 @@ def _decode_layer(cfg, lp: dict, x_B1D, k_cache, v_cache, end_B, mesh):
         out_BHE = attention.decode_attend(
             q_B1HE[:, 0], k_cache, v_cache, end_B + 1, impl=cfg.attention_impl, mesh=mesh
         )
-    attn_B1D = jnp.einsum(
-        "BTHE,HED->BTD", out_BHE[:, None].astype(dtype), a["o_kernel"].astype(dtype)
+    b, h, e = out_BHE.shape
+    attn_B1D = jnp.einsum(  # heads flattened: else XLA relayouts o_kernel every step
+        "BTF,FD->BTD",
+        out_BHE.reshape(b, 1, h * e).astype(dtype),
+        a["o_kernel"].reshape(h * e, -1).astype(dtype),
     )
     x_B1D = x_B1D + attn_B1D
     normed_B1D = RMSNorm(cfg).apply({"params": lp["post_attn_norm"]}, x_B1D)
@@ -379,69 +428,66 @@ def _decode_layer(cfg, lp: dict, x_B1D, k_cache, v_cache, end_B, mesh):
     return _constrain(x_B1D, ("batch", "length", "embed")), k_cache, v_cache
 
 
-def _write_blocks(blocks: tuple, new_BKE, end_B, slot_axis: int) -> tuple:
-    """Writes row b's new [K, E] entry at slot end[b] of the block that holds it.
+def _block_attention(q_BHE, k_new_BKE, v_new_BKE, k_blocks, v_blocks, end_B):
+    """Writes row b's new key and value at slot end[b], then attends over its slots <= end[b].
 
-    Every block gets a scatter in which only the rows whose slot lies in it have an
-    in-range index (the others point one past the block and are dropped), so each write
-    touches B entries in place, never a whole block.
-    """
-    block = blocks[0].shape[slot_axis]
-    rows_B = jnp.arange(end_B.shape[0])
-    out = []
-    for j, buf in enumerate(blocks):
-        slot_B = end_B - j * block
-        slot_B = jnp.where((slot_B >= 0) & (slot_B < block), slot_B, block)
-        index = (rows_B, slice(None), slice(None), slot_B)
-        if slot_axis == 2:
-            index = (rows_B, slice(None), slot_B)
-        out.append(
-            buf.at[index].set(new_BKE.astype(buf.dtype), mode="drop", unique_indices=True)
-        )
-    return tuple(out)
-
-
-def _block_attention(q_BHE, k_blocks, v_blocks, lengths_B):
-    """Decode attention over the filled blocks of a `block_cache` layer, online softmax.
-
-    Equals `attention.decode_attention_xla` (float32 softmax, E**-0.5 scale after the
-    dot). Block j is read only when some row has more than j * block slots, under a
-    `lax.cond` on max(lengths), so a step reads about max(lengths) slots instead of all
-    S; both products are plain batched matrix products over the block buffers in place
+    Equals `attention.decode_attention_xla` over the written cache (float32 softmax,
+    E**-0.5 scale after the dot), by an online softmax over the blocks of a
+    `block_cache` layer. Block j is written and read only when some row has more than
+    j * block slots, under a `lax.cond` on max(end) + 1, so a step reads about max(end)
+    slots instead of all S, and writes B entries in place, never a whole block. Both
+    products are plain batched matrix products over the block buffers as they lie
     (keys [B, K, E, s], values [B, K, s, E]).
 
     Returns:
-      [B, H, E] in q's dtype.
+      ([B, H, E] in q's dtype, the key blocks, the value blocks).
     """
     b, h, e = q_BHE.shape
     kh, block = k_blocks[0].shape[1], k_blocks[0].shape[3]
     q_BKGE = q_BHE.reshape(b, kh, h // kh, e).astype(jnp.float32)
-    longest = jnp.max(lengths_B)
+    longest = jnp.max(end_B) + 1
     carry = (
         jnp.full((b, kh, h // kh), -1e30, jnp.float32),
         jnp.zeros((b, kh, h // kh), jnp.float32),
         jnp.zeros((b, kh, h // kh, e), jnp.float32),
     )
+    new_k, new_v = [], []
     for j, (k_BKEs, v_BKsE) in enumerate(zip(k_blocks, v_blocks)):
-        add = functools.partial(_attend_block, q_BKGE, k_BKEs, v_BKsE, lengths_B, j * block)
-        carry = add(carry) if j == 0 else jax.lax.cond(j * block < longest, add, _same, carry)
+        step = functools.partial(_block_step, q_BKGE, k_new_BKE, v_new_BKE, end_B, j * block)
+        operands = (k_BKEs, v_BKsE, carry)
+        if j == 0:  # every row has a slot in block 0
+            k_BKEs, v_BKsE, carry = step(*operands)
+        else:
+            k_BKEs, v_BKsE, carry = jax.lax.cond(j * block < longest, step, _same, *operands)
+        new_k.append(k_BKEs)
+        new_v.append(v_BKsE)
     _, l_BKG, acc_BKGE = carry
     out_BKGE = acc_BKGE / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
-    return out_BKGE.reshape(b, h, e).astype(q_BHE.dtype)
+    return out_BKGE.reshape(b, h, e).astype(q_BHE.dtype), tuple(new_k), tuple(new_v)
 
 
-def _same(carry):
-    return carry
+def _same(*operands):
+    return operands
 
 
-def _attend_block(q_BKGE, k_BKEs, v_BKsE, lengths_B, start: int, carry):
-    """Folds one cache block into the running (max, sum, weighted values) of each query."""
+def _block_step(q_BKGE, k_new_BKE, v_new_BKE, end_B, start: int, k_BKEs, v_BKsE, carry):
+    """Writes the rows whose slot end[b] lies in this block, then folds the block into the
+    running (max, sum, weighted values) of each query."""
     m_BKG, l_BKG, acc_BKGE = carry
     e, block = q_BKGE.shape[-1], k_BKEs.shape[-1]
+    rows_B = jnp.arange(end_B.shape[0])
+    slot_B = end_B - start
+    slot_B = jnp.where((slot_B >= 0) & (slot_B < block), slot_B, block)  # block: dropped
+    k_BKEs = k_BKEs.at[rows_B, :, :, slot_B].set(
+        k_new_BKE.astype(k_BKEs.dtype), mode="drop", unique_indices=True
+    )
+    v_BKsE = v_BKsE.at[rows_B, :, slot_B].set(
+        v_new_BKE.astype(v_BKsE.dtype), mode="drop", unique_indices=True
+    )
     logits_BKGs = jnp.einsum(
         "BKGE,BKEs->BKGs", q_BKGE, k_BKEs.astype(jnp.float32), preferred_element_type=jnp.float32
     ) * (e**-0.5)
-    valid_BKGs = ((start + jnp.arange(block))[None, :] < lengths_B[:, None])[:, None, None]
+    valid_BKGs = ((start + jnp.arange(block))[None, :] <= end_B[:, None])[:, None, None]
     logits_BKGs = jnp.where(valid_BKGs, logits_BKGs, -1e30)
     m_new = jnp.maximum(m_BKG, jnp.max(logits_BKGs, axis=-1))
     p_BKGs = jnp.where(valid_BKGs, jnp.exp(logits_BKGs - m_new[..., None]), 0.0)
@@ -449,7 +495,8 @@ def _attend_block(q_BKGE, k_BKEs, v_BKsE, lengths_B, start: int, carry):
     pv_BKGE = jnp.einsum(
         "BKGs,BKsE->BKGE", p_BKGs, v_BKsE.astype(jnp.float32), preferred_element_type=jnp.float32
     )
-    return m_new, l_BKG * rescale + jnp.sum(p_BKGs, axis=-1), acc_BKGE * rescale[..., None] + pv_BKGE
+    l_new = l_BKG * rescale + jnp.sum(p_BKGs, axis=-1)
+    return k_BKEs, v_BKsE, (m_new, l_new, acc_BKGE * rescale[..., None] + pv_BKGE)
 
 
 # ----------------------------------------------------------------------------- the jitted loop
@@ -510,13 +557,13 @@ def _decode_cache(prefilled: dict, st: _Static) -> dict:
     entry per layer (see `decode_step`): `block_cache`'s blocks, or [B, S, K, E] buffers
     for an attention kernel (st.block == 0).
     """
+    stacked = {name: jnp.repeat(prefilled[name], st.n, axis=1) for name in ("k", "v")}
+    stacked["end"] = jnp.repeat(prefilled["end"], st.n)
+    if st.block:
+        return block_cache(stacked, st.block, st.cache_len)
     pad = [(0, 0)] * 5
     pad[2] = (0, st.cache_len - prefilled["k"].shape[2])
-    stacked = {
-        name: jnp.pad(jnp.repeat(prefilled[name], st.n, axis=1), pad) for name in ("k", "v")
-    }
-    stacked["end"] = jnp.repeat(prefilled["end"], st.n)
-    return block_cache(stacked, st.block) if st.block else split_cache(stacked)
+    return split_cache({**stacked, "k": jnp.pad(stacked["k"], pad), "v": jnp.pad(stacked["v"], pad)})
 
 
 def _stop_checks(tok_B, recent_BM, ngen_B, stop_ids, patterns_QM, pattern_len_Q):
@@ -571,6 +618,7 @@ def _generate_chunk(
     logits_PV, cache = prefill(cfg, params, tokens_PT, lengths_P, cache, mesh)
     cache = _constrain_cache(_decode_cache(cache, st), mesh)
     layers = layer_params(params)
+    rope = rope_table(cfg, st.cache_len)
     logits_BV = jnp.repeat(logits_PV, st.n, axis=0)
     b = logits_BV.shape[0]
     # Row keys depend on (prompt, sample) only, so batching and padding never change draws.
@@ -610,7 +658,7 @@ def _generate_chunk(
 
     def body(carry):
         step, state, cache = carry
-        logits_BV, cache = decode_step(cfg, params, state["last"], cache, mesh, layers)
+        logits_BV, cache = decode_step(cfg, params, state["last"], cache, mesh, layers, rope)
         tok_B, logp_B = draw(logits_BV, step)
         return step + 1, _record(state, tok_B, logp_B, step, max_new, stops), cache
 
@@ -1011,6 +1059,7 @@ def kv_cache_bytes_per_token(cfg, cache_dtype: str | None = None) -> int:
 __all__ = [
     "STOP_REASONS",
     "Completion",
+    "block_cache",
     "decode_step",
     "generate",
     "kv_cache_bytes_per_token",
@@ -1018,6 +1067,7 @@ __all__ = [
     "lm_head_logits",
     "make_generate_fn",
     "prefill",
+    "rope_table",
     "sample_logits",
     "sample_tokens",
     "split_cache",
