@@ -22,6 +22,7 @@ from qmath_jax.sampling import (
     make_generate_fn,
     prefill,
     sample_tokens,
+    sampler,
     split_cache,
     stop_string_patterns,
 )
@@ -106,8 +107,10 @@ def test_greedy_matches_hf_generate(peer, prompts, new):
 @pytest.mark.parametrize("form", ["split", "block"])
 def test_prefill_and_decode_step_logits_equal_a_full_forward(peer, prompts, form):
     """Both cache forms: split_cache's buffers (attention kernels' layout) and
-    block_cache's blocks (the XLA path; 4-slot blocks, so the rows write and read
-    several blocks, at different ones), the latter with a precomputed rope table."""
+    block_cache's blocks (the XLA path) with a precomputed rope table. The blocks are
+    6 slots over a 16-slot prefill cache extended to 24 slots, so the rows (3 and 9
+    prompt tokens) write and read several blocks, at different ones, one of them
+    partly prefilled and one past the prefill."""
     _, cfg, params = peer
     rows = prompts[:2]
     lengths = np.array([len(p) for p in rows], np.int32)
@@ -117,13 +120,13 @@ def test_prefill_and_decode_step_logits_equal_a_full_forward(peer, prompts, form
     rng = np.random.default_rng(1)
     cont = rng.integers(0, cfg.vocab_size, (2, 5))
     logits, cache = jax.jit(lambda t, n, c: prefill(cfg, params, t, n, c))(
-        tokens, lengths, init_cache(cfg, 2, 64)
+        tokens, lengths, init_cache(cfg, 2, 64 if form == "split" else 16)
     )
     np.testing.assert_array_equal(cache["end"], lengths)
     if form == "split":
         cache, rope = split_cache(cache), None
     else:
-        cache, rope = block_cache(cache, 4), rope_table(cfg, 64)
+        cache, rope = block_cache(cache, 6, slots=24), rope_table(cfg, 24)
     step = jax.jit(lambda t, c: decode_step(cfg, params, t, c, rope=rope))
     # A causal forward over the whole sequence gives every prefix's next-token logits.
     full = _full_logits(cfg, params, [p + cont[b].tolist() for b, p in enumerate(rows)])
@@ -135,6 +138,15 @@ def test_prefill_and_decode_step_logits_equal_a_full_forward(peer, prompts, form
         if s < cont.shape[1]:
             logits, cache = step(cont[:, s].astype(np.int32), cache)
     np.testing.assert_array_equal(cache["end"], lengths + cont.shape[1])
+
+
+def test_cache_geometry_has_few_whole_blocks():
+    for prompt_len, buf_len in [(16, 16), (32, 256), (512, 2048), (4096, 4096)]:
+        slots, block = sampler._cache_geometry(prompt_len, buf_len)
+        assert slots >= prompt_len + buf_len and slots % block == 0 and block % 64 == 0
+        assert slots // block <= sampler.MAX_ATTENTION_BLOCKS
+        assert slots - block < prompt_len + buf_len  # no wholly unused block
+    assert sampler._cache_geometry(32, 256, blocks=False) == (320, 0)
 
 
 def _truncated(logits, temperature, top_k, top_p):

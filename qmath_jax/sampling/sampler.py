@@ -398,9 +398,7 @@ def _decode_layer(cfg, lp: dict, x_B1D, k_cache, v_cache, end_B, rope_B11e, mesh
     k_B1KE = project("k_kernel", "k_bias", "BTD,DKE->BTKE")
     v_B1KE = project("v_kernel", "v_bias", "BTD,DKE->BTKE")
     q_B1HE = _constrain(apply_rope(q_B1HE, *rope_B11e), ("batch", "length", "heads", "head_dim"))
-    k_B1KE = _constrain(
-        apply_rope(k_B1KE, *rope_B11e), ("batch", "length", "kv_heads", "head_dim")
-    )
+    k_B1KE = _constrain(apply_rope(k_B1KE, *rope_B11e), ("batch", "length", "kv_heads", "head_dim"))
     if isinstance(k_cache, tuple):
         out_BHE, k_cache, v_cache = _block_attention(
             q_B1HE[:, 0], k_B1KE[:, 0], v_B1KE[:, 0], k_cache, v_cache, end_B
@@ -563,7 +561,9 @@ def _decode_cache(prefilled: dict, st: _Static) -> dict:
         return block_cache(stacked, st.block, st.cache_len)
     pad = [(0, 0)] * 5
     pad[2] = (0, st.cache_len - prefilled["k"].shape[2])
-    return split_cache({**stacked, "k": jnp.pad(stacked["k"], pad), "v": jnp.pad(stacked["v"], pad)})
+    return split_cache(
+        {**stacked, "k": jnp.pad(stacked["k"], pad), "v": jnp.pad(stacked["v"], pad)}
+    )
 
 
 def _stop_checks(tok_B, recent_BM, ngen_B, stop_ids, patterns_QM, pattern_len_Q):
