@@ -219,6 +219,20 @@ def test_n_samples_share_a_key_schedule_and_report_policy_logprobs(peer, prompts
     assert [c.tokens for c in other] != [c.tokens for c in out]
 
 
+def test_concurrent_calls_equal_one_call(peer, prompts, monkeypatch):
+    """generate's concurrent half-batch calls (multi-core CPU) change no completion."""
+    _, cfg, params = peer
+    kw = {"temperature": 0.8, "n": 5, "key": jax.random.key(3)}
+    one = generate(cfg, params, prompts, 10, max_batch=20, **kw)
+    monkeypatch.setattr(sampler, "_concurrent_calls", lambda *_: 2)
+    two = generate(cfg, params, prompts, 10, **kw)
+    assert [(c.prompt_index, c.sample_index, c.tokens) for c in two] == [
+        (c.prompt_index, c.sample_index, c.tokens) for c in one
+    ]
+    for a, b in zip(two, one):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 def test_mesh_generation_equals_single_device(peer, prompts):
     _, cfg, params = peer
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
