@@ -5,9 +5,10 @@
 The bench preset in float32, random 32-token prompts, greedy, exactly `new_tokens` new
 tokens per row on both sides (no stop tokens for us; min_new_tokens for HF). Both run on
 the same CPU in the same process. Prints JSON lines: the KV cache memory per token
-(theoretical 2 * L * K * E * bytes against what the compiled program holds), one line
-per side and batch (the peer at 1 and 2 torch threads, its best counted), and last
-{"ours", "peer", "ratio"} at the largest batch.
+(theoretical 2 * L * K * E * bytes against what the compiled program holds, for one
+call over the whole batch), one line per side and batch (ours with the number of
+concurrent decode calls `generate` chose; the peer at 1 and 2 torch threads, its best
+counted), and last {"ours", "peer", "ratio"} at the largest batch.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def main() -> None:
                 new_tokens=args.new_tokens,
                 seconds=seconds,
                 tokens_per_s=tokens / seconds,
+                concurrent_calls=sampler._concurrent_calls(None, None, batch),
             )
             # torch's OpenMP threads collapse when the cores are shared: the peer gets
             # its best thread count.
