@@ -24,8 +24,9 @@ readonly REMOTE_DIR="\$HOME/qmath_jax"
 readonly REMOTE_LOG="\$HOME/qmath_jax_run.log"
 readonly REMOTE_PID="\$HOME/qmath_jax_run.pid"
 readonly REMOTE_TAR='qmath_jax_src.tar.gz'  # lands in the remote home directory
-# gcsfs lets Orbax (etils.epath) read and write gs:// paths; google-cloud-storage lets
-# tensorboardX write its event files there.
+# gcsfs lets etils.epath read and write gs:// paths: Orbax's checkpoint metadata and every
+# other workdir file (qmath_jax/fileio.py); google-cloud-storage lets tensorboardX write
+# its event files there.
 readonly EXTRA_PIP="gcsfs google-cloud-storage"
 
 usage() {

@@ -10,6 +10,10 @@ CLI:
   python -m qmath_jax.hf import --hf_dir DIR --out DIR
   python -m qmath_jax.hf export --checkpoint DIR --out DIR [--dtype bfloat16]
 
+Any DIR may be a bucket (gs://...). safetensors are memory-mapped, so a remote HF
+directory is first downloaded to a local temporary directory, and an export to a bucket is
+written locally and then uploaded: both need the checkpoint's size in local disk space.
+
 Legend: L layers, D model, H heads, K kv heads, E head dim, F MLP hidden, V vocab.
 """
 
@@ -24,7 +28,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from qmath_jax import safetensors_io
+from qmath_jax import fileio, safetensors_io
 from qmath_jax.model.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -331,7 +335,7 @@ def load(hf_dir: str, shardings=None, **config_overrides):
 
     Args:
       hf_dir: a directory with `config.json` and safetensors (sharded with an index, or one
-        `model.safetensors`).
+        `model.safetensors`); a bucket's is downloaded to a temporary directory first.
       shardings: optional pytree of `jax.sharding.Sharding` matching the params; each
         tensor is then read per device shard straight into place.
       **config_overrides: ModelConfig fields to change, e.g. dtype="float32" (compute) or
@@ -341,9 +345,10 @@ def load(hf_dir: str, shardings=None, **config_overrides):
       (ModelConfig, params) with params a nested dict of arrays.
     """
     cfg_path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(cfg_path):
+    if not fileio.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: an HF checkpoint needs its config.json")
-    with open(cfg_path) as f:
+    hf_dir = fileio.fetch(hf_dir)  # a bucket's checkpoint, downloaded to be memory-mapped
+    with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = config_from_hf(json.load(f), **config_overrides)
     dtype = _np_dtype(cfg.param_dtype)
     reader = _HFReader(hf_dir)
@@ -390,13 +395,18 @@ def save(config: ModelConfig, params: dict, out_dir: str, tokenizer=None,
     Args:
       config: the model config.
       params: our params (any sharding; each layer is fetched to host in turn).
-      out_dir: created if needed.
+      out_dir: created if needed; a bucket (gs://...) gets the files once all are written.
       tokenizer: optional object with `save(out_dir)` to ship beside the weights.
       dtype: "float32" or "bfloat16" on disk.
       max_shard_bytes: size of each safetensors shard.
     """
     _check_params(config, params)
-    os.makedirs(out_dir, exist_ok=True)
+    with fileio.staged_dir(out_dir) as local:  # a bucket gets the files once all are written
+        _save_local(config, params, local, tokenizer, dtype, max_shard_bytes)
+
+
+def _save_local(config, params, out_dir, tokenizer, dtype, max_shard_bytes) -> None:
+    """`save` into a local directory: shards are renamed into place, which needs a disk."""
     np_dtype = _np_dtype(dtype)
     shards = _write_shards(_hf_tensors(config, params, np_dtype), out_dir, max_shard_bytes)
     n = len(shards)
@@ -472,11 +482,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _tokenizer_beside(directory: str):
     """The run's tokenizer (tokenizer.json in the checkpoint dir), shipped with the export."""
-    if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    if not fileio.exists(os.path.join(directory, "tokenizer.json")):
         return None
-    from qmath_jax.data.tokenizer import Tokenizer
+    from qmath_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer
 
-    return Tokenizer.from_file(directory)
+    return Tokenizer.from_file(fileio.fetch(directory, names=TOKENIZER_FILES))
 
 
 if __name__ == "__main__":

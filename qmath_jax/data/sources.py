@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from qmath_jax import fileio
+
 log = logging.getLogger(__name__)
 
 MAX_WARNINGS = 20  # per source; the rest are only counted, to keep logs readable
@@ -198,15 +200,17 @@ def reason_with_fix(reason: str) -> str:
 
 
 def _as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Local paths of the input files; a file in a bucket (gs://...), such as a synth
+    round's output in a bucket workdir, is downloaded first (sources memory-map files)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out = [os.fspath(p) for p in paths]
     if not out:
         raise ValueError("no input files given; pass one path or a list of paths")
     for p in out:
-        if not os.path.exists(p):
+        if not fileio.exists(p):
             raise FileNotFoundError(f"{p}: no such file; check the path")
-    return out
+    return [fileio.fetch(p) for p in out]
 
 
 class JsonlSource(_ValidatedSource):

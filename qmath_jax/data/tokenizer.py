@@ -63,6 +63,9 @@ QWEN_NONSPECIAL_ADDED_TOKENS = (
 )
 
 _CONFIG_NAME = "tokenizer_config.json"
+# What `Tokenizer.from_file` reads from a directory: copying a remote run or HF directory
+# (qmath_jax.fileio.fetch) takes these alone, not the weights beside them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", _CONFIG_NAME, "chat_template.jinja")
 
 
 class Tokenizer:

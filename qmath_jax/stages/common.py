@@ -9,9 +9,9 @@ import os
 import jax
 import numpy as np
 
-from qmath_jax import parallel
+from qmath_jax import fileio, parallel
 from qmath_jax.data import synthetic
-from qmath_jax.data.tokenizer import Tokenizer, train_bpe_tokenizer
+from qmath_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, train_bpe_tokenizer
 from qmath_jax.model import Transformer, get_preset
 from qmath_jax.model.config import ModelConfig
 from qmath_jax.train import checkpoint as params_ckpt
@@ -43,26 +43,28 @@ def tokenizer(cfg, workdir: str) -> Tokenizer:
     """The run's tokenizer, saved into the workdir so later stages and resumes share it.
 
     Order: the workdir's own copy; cfg.tokenizer.path; the tokenizer beside init weights;
-    else a byte-level BPE trained on the synthetic corpus.
+    else a byte-level BPE trained on the synthetic corpus. Any of these may be in a bucket
+    (read from a downloaded copy). Only process 0 saves it: the workdir is shared.
     """
     own = os.path.join(workdir, TOKENIZER_FILE)
     candidates = [own, cfg.tokenizer.path, cfg.init.checkpoint, cfg.init.hf_dir]
     for path in candidates:
         if not path:
             continue
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, TOKENIZER_FILE)):
+        if fileio.isdir(path) and not fileio.exists(os.path.join(path, TOKENIZER_FILE)):
             continue
-        if os.path.exists(path):
-            tok = Tokenizer.from_file(path)
+        if fileio.exists(path):
+            tok = Tokenizer.from_file(fileio.fetch(path, names=TOKENIZER_FILES))
             break
     else:
         corpus = synthetic_corpus(cfg)
         texts = [corpus.pretrain_document(i) for i in range(2000)]
         texts += [corpus[i]["tir"] for i in range(1000)]
         tok = train_bpe_tokenizer(texts, cfg.tokenizer.train_vocab_size)
-    os.makedirs(workdir, exist_ok=True)
-    if not os.path.exists(own):
-        tok.save(workdir)
+    fileio.makedirs(workdir)
+    if jax.process_index() == 0 and not fileio.exists(own):
+        with fileio.staged_dir(workdir) as local:  # HF tokenizers write local files only
+            tok.save(local)
     return tok
 
 
@@ -188,11 +190,13 @@ def train(cfg, workdir: str, model_cfg: ModelConfig, make_loss, dataset, stage: 
 
 
 def _write_data_report(workdir, stage, batches) -> None:
+    """Process 0's data report (its own host's shard): one file in the shared workdir."""
     from qmath_jax.data.pipelines import pipeline_report
 
     report = pipeline_report(batches)
-    with open(os.path.join(workdir, f"data_report_{stage}.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
+    if jax.process_index() == 0:
+        fileio.write_text(os.path.join(workdir, f"data_report_{stage}.json"),
+                          json.dumps(report, indent=2, default=str))
 
 
 def lm_loss(model: Transformer):

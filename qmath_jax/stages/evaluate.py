@@ -15,9 +15,9 @@ JSONL row to `workdir/samples.jsonl`:
 plain-text table is printed.
 
 Resuming. A unit is (set, idx, mode, kind): one greedy row or k sampled rows of a problem.
-A batch's rows are appended and flushed problem by problem once the batch is done, so an
-interrupted run leaves complete units, at most one incomplete unit and maybe a torn last
-line. A rerun keeps the complete units (byte for byte), drops the rest, and samples only
+A batch's rows are appended in one write once the batch is done (in a bucket, one
+composed append), so an interrupted run leaves complete units, at most one incomplete unit
+and maybe a torn last line. A rerun keeps the complete units (byte for byte), drops the rest, and samples only
 the missing units. `eval_settings.json` records what shapes the samples (k, temperature,
 max_new_tokens, the weights, ...); a rerun with other values is refused rather than mixing
 samples of two settings in one file.
@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qmath_jax import fileio
 from qmath_jax.data import chat
 from qmath_jax.grading import best_of_n, extract_answer, is_equiv, majority_vote
 
@@ -332,9 +333,9 @@ def read_rows(path: str) -> tuple[list[Row], int]:
     """Rows of a samples file and the number of unreadable lines (a torn last line after
     an interrupted write, or damage); a missing file has no rows."""
     rows, bad = [], 0
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return rows, bad
-    with open(path, encoding="utf-8") as f:
+    with fileio.open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -375,17 +376,19 @@ def complete_units(rows: Iterable[Row], k: int) -> tuple[dict[tuple, list[Row]],
 
 
 def _rewrite(path: str, units: Mapping[tuple, list[Row]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for unit_rows in units.values():
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in unit_rows)
-    os.replace(tmp, path)
+    fileio.write_text_atomic(path, "".join(_lines(unit_rows) for unit_rows in units.values()),
+                             encoding="utf-8")
+
+
+def _lines(rows: Iterable[Row]) -> str:
+    """Rows as JSONL text, non-ASCII kept as is (answers hold LaTeX and CJK text)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def _check_settings(workdir: str, settings: dict, has_rows: bool) -> None:
     path = os.path.join(workdir, SETTINGS_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
+    if fileio.exists(path):
+        with fileio.open(path) as f:
             old = json.load(f)
         diff = {k: (old.get(k), settings.get(k)) for k in _SAMPLE_SETTINGS
                 if old.get(k) != settings.get(k)}  # fmt: skip
@@ -394,8 +397,7 @@ def _check_settings(workdir: str, settings: dict, has_rows: bool) -> None:
                 f"{workdir} holds samples made with other settings {diff} (before, now); "
                 f"use another workdir, or restore those settings to resume ({path})"
             )
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=2)
+    fileio.write_text(path, json.dumps(settings, indent=2))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -590,7 +592,7 @@ def evaluate(
                 "seed": seed, "greedy": greedy, "modes": modes, "sets": list(problems),
                 "limit": limit, "batch_size": batch_size, "policy": None,
                 "rm": None if rm is None else "given", **(run_info or {})}  # fmt: skip
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     path = os.path.join(workdir, ROWS_FILE)
     done = _resume(path, workdir, settings, k, verbose)
     own_pool: list = []
@@ -609,13 +611,12 @@ def evaluate(
         tool_timeout_s, max_batch, mesh, seed, pool_factory, _stop_ids(tokenizer),
     )  # fmt: skip
     try:
-        with open(path, "a", encoding="utf-8") as out:
-            for name, probs in problems.items():
-                for mode in modes:
-                    for kind in kinds:
-                        todo = [p for p in probs if (name, p["idx"], mode, kind) not in done]
-                        _run_units(name, mode, kind, todo, sampling, rm, batch_size, out,
-                                   progress)  # fmt: skip
+        for name, probs in problems.items():
+            for mode in modes:
+                for kind in kinds:
+                    todo = [p for p in probs if (name, p["idx"], mode, kind) not in done]
+                    _run_units(name, mode, kind, todo, sampling, rm, batch_size, path,
+                               progress)  # fmt: skip
     finally:
         for p in own_pool:
             p.close()
@@ -652,8 +653,10 @@ def _resume(path: str, workdir: str, settings: dict, k: int, verbose: bool) -> s
     return set(done)
 
 
-def _run_units(name, mode, kind, todo, sampling: _Sampling, rm, batch_size, out,
+def _run_units(name, mode, kind, todo, sampling: _Sampling, rm, batch_size, path,
                progress: bool) -> None:  # fmt: skip
+    """Samples, grades and scores `todo`, appending each batch's rows to `path` (a whole
+    batch per append, so an interrupted run loses at most the batch in flight)."""
     if not todo:
         return
     from tqdm.auto import tqdm
@@ -669,10 +672,8 @@ def _run_units(name, mode, kind, todo, sampling: _Sampling, rm, batch_size, out,
             rows = _grade(name, mode, kind, batch, responses)
             if rm is not None:
                 _score(rm, batch, rows, mode)
-            for unit_rows in rows:
-                for r in unit_rows:
-                    out.write(json.dumps(r, ensure_ascii=False) + "\n")
-                out.flush()
+            fileio.append_text(path, "".join(_lines(unit_rows) for unit_rows in rows),
+                               encoding="utf-8")
             bar.update(len(batch))
 
 
@@ -708,10 +709,7 @@ def _write_summary(path, workdir, problems, modes, k, settings, verbose) -> dict
     mean = mean_over_sets(results, k)
     summary = {"k": k, "metrics": metric_names(k), "results": results, "mean": mean,
                "rows": len(rows), "settings": settings}  # fmt: skip
-    tmp = os.path.join(workdir, SUMMARY_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, SUMMARY_FILE))
+    fileio.write_text_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2))
     if verbose:
         print(format_table(results, k, mean if len(results) > 1 else None))
     return summary
@@ -760,9 +758,9 @@ def load_model(kind: str, path: str, mesh, *, dtype: str = "", param_dtype: str 
         from qmath_jax import hf
 
         cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
+        if not fileio.exists(cfg_path):
             raise FileNotFoundError(f"{cfg_path} not found: {path} is not an HF checkpoint")
-        with open(cfg_path) as f:
+        with fileio.open(cfg_path) as f:
             model_cfg = hf.config_from_hf(json.load(f), **overrides)
         shardings = None if mesh is None else parallel.logical_to_sharding(
             param_axes(model_cfg), mesh)  # fmt: skip
@@ -783,7 +781,7 @@ def _tokenizer(cfg, workdir: str):
 
     found = [p for p in (os.path.join(workdir, common.TOKENIZER_FILE), cfg.tokenizer.path,
                          cfg.init.checkpoint, cfg.init.hf_dir)
-             if p and os.path.exists(p) and (not os.path.isdir(p) or os.path.exists(
+             if p and fileio.exists(p) and (not fileio.isdir(p) or fileio.exists(
                  os.path.join(p, common.TOKENIZER_FILE)))]  # fmt: skip
     if not found:
         raise FileNotFoundError(
@@ -830,7 +828,7 @@ def run(cfg, workdir: str) -> dict:
         tool_timeout_s=e.tool_timeout_s, batch_size=e.batch_size,
         max_batch=e.max_batch or None, seed=cfg.seed, mesh=mesh,
         sandbox_workers=e.sandbox_workers, benchmarks_root=e.benchmarks or None,
-        run_info={"policy": os.path.abspath(path), "rm": os.path.abspath(rm_path) if rm_path
+        run_info={"policy": fileio.abspath(path), "rm": fileio.abspath(rm_path) if rm_path
                   else None},
     )  # fmt: skip
 

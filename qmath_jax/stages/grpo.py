@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmath_jax import grading, parallel
+from qmath_jax import fileio, grading, parallel
 from qmath_jax.data import chat, pipelines, sources
 from qmath_jax.model import Transformer
 from qmath_jax.sampling import sampler, tir
@@ -229,6 +229,7 @@ def run(cfg, workdir: str):
         if pool is not None:
             pool.close()
         trainer.manager.wait_until_finished()
+        trainer.logger.flush()  # rows a bucket workdir still holds back
     trainer.logger.plot()
     return state
 
@@ -306,10 +307,8 @@ def filter_queries(policy_cfg, params, tok, problems: list[dict], *, n: int = 8,
 
 
 def write_jsonl(path: str, rows) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    fileio.makedirs(os.path.dirname(fileio.abspath(path)))
+    fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # -------------------------------------------------------------------------- AOT

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qmath_jax import fileio
 from qmath_jax.data import pipelines, sources
 from qmath_jax.model import Transformer, init_params
 from qmath_jax.stages import common
@@ -122,8 +123,9 @@ def run(cfg, workdir: str):
         held_out = dataset(cfg, tok, cfg.rm.eval_source, shuffle=False, num_epochs=1,
                            drop_remainder=False)  # every held-out group counts
         report = evaluate(model, state.params, iter(held_out))
-        with open(os.path.join(workdir, "rm_eval.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        if jax.process_index() == 0:  # one copy in the shared workdir
+            fileio.write_text(os.path.join(workdir, "rm_eval.json"),
+                              json.dumps(report, indent=2))
         print(f"[rm] held-out: {json.dumps(report)}")
     return state
 

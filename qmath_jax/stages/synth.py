@@ -24,7 +24,7 @@ import os
 import jax
 import numpy as np
 
-from qmath_jax import grading
+from qmath_jax import fileio, grading
 from qmath_jax.data import chat, decontam, sources
 from qmath_jax.sampling import sampler, tir
 from qmath_jax.stages import common
@@ -132,8 +132,7 @@ def synthesize(cfg, policy_cfg, params, tok, problems: list[dict], out_path: str
     _write_jsonl(out_path + ".removed.jsonl", removed)
     report = {**stats, "records": len(records), "written": len(kept),
               "decontaminated": len(removed), "out": out_path}
-    with open(out_path + ".report.json", "w") as f:
-        json.dump(report, f, indent=2)
+    fileio.write_text(out_path + ".report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -161,12 +160,8 @@ def _records_for(prob, texts, s, rm, stats):
 
 
 def _write_jsonl(path: str, rows) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    fileio.makedirs(os.path.dirname(fileio.abspath(path)))
+    fileio.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _load_rm(cfg, tok):

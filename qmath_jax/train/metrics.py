@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 
 import jax
 from tqdm.auto import tqdm
+
+from qmath_jax import fileio
+
+REMOTE_FLUSH_EVERY_S = 30.0
 
 
 class MetricsLogger:
     """Appends {"step", "stage", ...} rows to workdir/metrics.jsonl and TensorBoard events.
 
-    Only process 0 writes, so a multi-host run keeps one copy.
+    Only process 0 writes, so a multi-host run keeps one copy. A local workdir gets each
+    row as it comes; a bucket gets them in batches (every `flush_every_s`, and at every
+    `flush()`, which the trainer calls with each checkpoint), since every append there
+    costs requests and a re-upload of the event file.
     """
 
-    def __init__(self, workdir: str, stage: str):
+    def __init__(self, workdir: str, stage: str, flush_every_s: float | None = None):
         self.workdir, self.stage = workdir, stage
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._writer = None
         self._active = jax.process_index() == 0
+        if flush_every_s is None:
+            flush_every_s = REMOTE_FLUSH_EVERY_S if fileio.is_remote(workdir) else 0.0
+        self.flush_every_s = flush_every_s
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
 
     def _tb(self):
         if self._writer is None:
@@ -32,23 +46,35 @@ class MetricsLogger:
         if not self._active:
             return
         row = {"step": int(step), "stage": self.stage, **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._pending.append(json.dumps(row) + "\n")
         writer = self._tb()
         for key, value in record.items():
             if isinstance(value, int | float):
                 writer.add_scalar(f"{self.stage}/{key}", value, step)
-        writer.flush()
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the rows held back so far and flushes the TensorBoard events."""
+        if not self._active:
+            return
+        if self._pending:
+            fileio.append_text(self.path, "".join(self._pending))
+            self._pending = []
+        if self._writer is not None:
+            self._writer.flush()
+        self._last_flush = time.monotonic()
 
     def plot(self) -> list[str]:
         """PNG curves of this stage's metrics in workdir/plots/; returns the file paths."""
-        if not self._active or not os.path.exists(self.path):
+        self.flush()
+        if not self._active or not fileio.exists(self.path):
             return []
         return plot_metrics(self.path, os.path.join(self.workdir, "plots"), stage=self.stage)
 
 
 def read_metrics(path: str, stage: str | None = None) -> list[dict]:
-    with open(path) as f:
+    with fileio.open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [r for r in rows if stage is None or r.get("stage") == stage]
 
@@ -65,7 +91,7 @@ def plot_metrics(path: str, out_dir: str, stage: str | None = None,
     present = [k for k in keys if any(k in r for r in rows)]
     if not present:
         return []
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
     for ax, key in zip(axes[0], present):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -75,8 +101,10 @@ def plot_metrics(path: str, out_dir: str, stage: str | None = None,
     fig.suptitle(stage or "run")
     fig.tight_layout()
     out = os.path.join(out_dir, f"{stage or 'run'}.png")
-    fig.savefig(out, dpi=80)
+    png = io.BytesIO()  # matplotlib writes local files only; the bytes go through fileio
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
+    fileio.write_bytes(out, png.getvalue())
     return [out]
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from qmath_jax import parallel
+from qmath_jax import fileio, parallel
 from qmath_jax.train import checkpoint as params_ckpt
 from qmath_jax.train import metrics as metrics_lib
 
@@ -246,8 +246,8 @@ class Trainer:
                  flops_per_token: float = 0.0, peak_flops: float = 0.0, stage: str = "train"):
         if nonfinite not in ("skip", "halt"):
             raise ValueError(f"train.nonfinite={nonfinite!r}: use 'skip' or 'halt'")
-        self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir = fileio.abspath(workdir)  # local, or a bucket every host reaches
+        fileio.makedirs(self.workdir)
         self.mesh, self.nonfinite, self.stage = mesh, nonfinite, stage
         self.seed, self.run_config = seed, run_config or {}
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
@@ -256,7 +256,7 @@ class Trainer:
                            grad_accum=grad_accum)
         self.optimizer, self.schedule = built.optimizer, built.schedule
         self.state_shardings, self._step = built.state_shardings, built.step
-        if model_config is not None:
+        if model_config is not None and jax.process_index() == 0:  # one shared copy
             params_ckpt.write_model_config(self.workdir, model_config)
         self.manager = ocp.CheckpointManager(
             os.path.join(self.workdir, "checkpoints"),
@@ -318,6 +318,7 @@ class Trainer:
         ), force=force)
         if saved:
             self._last_save_time, self._last_saved_step = time.time(), step
+            self.logger.flush()  # a bucket workdir gets its held-back metrics rows too
         return saved
 
     def _due(self, step: int) -> bool:
@@ -344,6 +345,7 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.manager.wait_until_finished()
+            self.logger.flush()
 
     def _on_sigterm(self, signum, frame):
         self._sigterm = True
@@ -394,7 +396,7 @@ class Trainer:
 
 def restore_params(workdir: str, model_cfg, shardings=None):
     """The params of the newest train state in a run's workdir."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = os.path.join(fileio.abspath(workdir), "checkpoints")
     with ocp.CheckpointManager(directory) as manager:
         step = manager.latest_step()
         if step is None:
