@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+DENSE_IMPLS = ("auto", "xla", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelConfig:
     remat: str = "full"
     scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls fully (small models)
     attention_impl: str = "auto"
+    dense_impl: str = "auto"  # "xla" einsums, "cpu" (dense.py), "auto": "cpu" on a CPU mesh
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -47,6 +49,8 @@ class ModelConfig:
             raise ValueError(f"head={self.head!r}: use 'lm' (language model) or 'rm' (reward)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
+        if self.dense_impl not in DENSE_IMPLS:
+            raise ValueError(f"dense_impl={self.dense_impl!r}: choose one of {DENSE_IMPLS}")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qmath_jax.model import attention
 from qmath_jax.model.config import ModelConfig
+from qmath_jax.model.dense import dense_cpu
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, E]; end: [B] filled slots per row
 
@@ -35,6 +36,21 @@ _REMAT_POLICIES = {
 def _param(module: nn.Module, name: str, init, shape, axes, cfg: ModelConfig):
     init = nn.with_logical_partitioning(init, axes)
     return module.param(name, init, shape, jnp.dtype(cfg.param_dtype))
+
+
+def for_platform(cfg: ModelConfig, mesh) -> ModelConfig:
+    """cfg with its "auto" choices made for the mesh's platform (JAX's default without one)."""
+    if cfg.dense_impl != "auto":
+        return cfg
+    on_cpu = attention.target_platform(mesh) == "cpu"
+    return cfg.replace(dense_impl="cpu" if on_cpu else "xla")
+
+
+def _dense(cfg: ModelConfig, eq: str, x, w, out_dtype=None):
+    """jnp.einsum(eq, x, w), or `dense_cpu` (the same contraction) for dense_impl="cpu"."""
+    if cfg.dense_impl == "cpu":
+        return dense_cpu(x, w, out_dtype)
+    return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
 
 
 def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
@@ -94,9 +110,9 @@ class Attention(nn.Module):
         wo_HED = _param(self, "o_kernel", w_init, (h, e, d), ("heads", "head_dim", "embed"), cfg)
 
         x_BTD = x_BTD.astype(dtype)
-        q_BTHE = jnp.einsum("BTD,DHE->BTHE", x_BTD, wq_DHE.astype(dtype)) + bq_HE.astype(dtype)
-        k_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, wk_DKE.astype(dtype)) + bk_KE.astype(dtype)
-        v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, wv_DKE.astype(dtype)) + bv_KE.astype(dtype)
+        q_BTHE = _dense(cfg, "BTD,DHE->BTHE", x_BTD, wq_DHE.astype(dtype)) + bq_HE.astype(dtype)
+        k_BTKE = _dense(cfg, "BTD,DKE->BTKE", x_BTD, wk_DKE.astype(dtype)) + bk_KE.astype(dtype)
+        v_BTKE = _dense(cfg, "BTD,DKE->BTKE", x_BTD, wv_DKE.astype(dtype)) + bv_KE.astype(dtype)
         q_BTHE = _constrain(rope(q_BTHE, positions_BT, cfg.rope_theta),
                             ("batch", "length", "heads", "head_dim"))
         k_BTKE = _constrain(rope(k_BTKE, positions_BT, cfg.rope_theta),
@@ -117,7 +133,7 @@ class Attention(nn.Module):
                 q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, impl=cfg.attention_impl, mesh=mesh
             )
         out_BTHE = checkpoint_name(out_BTHE, "attn_out")
-        out_BTD = jnp.einsum("BTHE,HED->BTD", out_BTHE.astype(dtype), wo_HED.astype(dtype))
+        out_BTD = _dense(cfg, "BTHE,HED->BTD", out_BTHE.astype(dtype), wo_HED.astype(dtype))
         return out_BTD, new_cache
 
 
@@ -155,10 +171,10 @@ class MLP(nn.Module):
         up_DF = _param(self, "up_kernel", w_init, (d, f), ("embed", "mlp"), cfg)
         down_FD = _param(self, "down_kernel", w_init, (f, d), ("mlp", "embed"), cfg)
         x_BTD = x_BTD.astype(dtype)
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, gate_DF.astype(dtype))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, up_DF.astype(dtype))
+        gate_BTF = _dense(cfg, "BTD,DF->BTF", x_BTD, gate_DF.astype(dtype))
+        up_BTF = _dense(cfg, "BTD,DF->BTF", x_BTD, up_DF.astype(dtype))
         hidden_BTF = _constrain(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-        out_BTD = jnp.einsum("BTF,FD->BTD", hidden_BTF, down_FD.astype(dtype))
+        out_BTD = _dense(cfg, "BTF,FD->BTD", hidden_BTF, down_FD.astype(dtype))
         return checkpoint_name(out_BTD, "mlp_out")
 
 
@@ -209,7 +225,7 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         return_hidden: bool = False,
     ):
-        cfg = self.cfg
+        cfg = for_platform(self.cfg, self.mesh)
         dtype = jnp.dtype(cfg.dtype)
         embed_VD = _param(self, "embedding", nn.initializers.normal(cfg.init_std),
                           (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg)
@@ -224,7 +240,7 @@ class Transformer(nn.Module):
         if cfg.head == "rm":
             out = RewardHead(cfg, name="score")(hidden_BTD)
         else:
-            out = self._lm_logits(hidden_BTD, embed_VD)
+            out = self._lm_logits(cfg, hidden_BTD, embed_VD)
         if return_hidden:
             out = (out, hidden_BTD)
         if cache is None:
@@ -232,16 +248,14 @@ class Transformer(nn.Module):
         new_end_B = _advance_end(cache_end_B, segment_ids_BT)
         return out, {**new_layer_caches, "end": new_end_B}
 
-    def _lm_logits(self, hidden_BTD, embed_VD):
-        cfg = self.cfg
+    def _lm_logits(self, cfg, hidden_BTD, embed_VD):
         dtype = jnp.dtype(cfg.dtype)
         if cfg.tie_embeddings:
             head_DV = embed_VD.T
         else:
             head_DV = _param(self, "lm_head", nn.initializers.normal(cfg.init_std),
                              (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg)
-        logits_BTV = jnp.einsum("BTD,DV->BTV", hidden_BTD, head_DV.astype(dtype),
-                                preferred_element_type=jnp.float32)
+        logits_BTV = _dense(cfg, "BTD,DV->BTV", hidden_BTD, head_DV.astype(dtype), jnp.float32)
         return _constrain(logits_BTV, ("batch", "length", "vocab"))
 
 
