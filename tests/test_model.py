@@ -171,6 +171,32 @@ def test_dense_cpu_matches_einsum_values_and_grads():
         jnp.float32)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_attention_matches_the_reference_with_padding_and_packing(causal):
+    from qmath_jax.model import attention
+
+    b, t, h, k, e = 2, 16, 4, 2, 8
+    keys = jax.random.split(jax.random.key(6), 4)
+    q = jax.random.normal(keys[0], (b, t, h, e))
+    kk = jax.random.normal(keys[1], (b, t, k, e))
+    v = jax.random.normal(keys[2], (b, t, k, e))
+    dout = jax.random.normal(keys[3], (b, t, h, e))
+    segs = jnp.array([[1] * 5 + [2] * 7 + [0] * 4, [3] * 16])
+
+    def loss(fn, q, kk, v):
+        return jnp.sum(fn(q, kk, v, segs, causal=causal) * dout)
+
+    ref_out = attention.attention_xla(q, kk, v, segs, causal=causal)
+    out = attention.attention_xla_cpu(q, kk, v, segs, causal=causal)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    assert not np.any(np.asarray(out)[0, 12:])  # padding rows give zeros
+    want = jax.grad(functools.partial(loss, attention.attention_xla), argnums=(0, 1, 2))(q, kk, v)
+    got = jax.jit(jax.grad(functools.partial(loss, attention.attention_xla_cpu),
+                           argnums=(0, 1, 2)))(q, kk, v)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+
+
 def test_cpu_dense_path_gives_the_xla_paths_loss_and_grads():
     base = get_preset("tiny", dense_impl="xla")
     params = init_params(base, jax.random.key(7))

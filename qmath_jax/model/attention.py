@@ -65,6 +65,111 @@ def attention_xla(
     return out_BTKGE.reshape(b, t, h, e).astype(q_BTHE.dtype)
 
 
+def attention_xla_cpu(
+    q_BTHE: jax.Array,
+    k_BSKE: jax.Array,
+    v_BSKE: jax.Array,
+    segment_ids_BT: jax.Array,
+    *,
+    causal: bool = True,
+) -> jax.Array:
+    """`attention_xla` laid out for XLA:CPU, with a hand-written backward.
+
+    Every dot is a batched row-major "NN" product over [B, K] (what XLA:CPU hands to
+    YNNPACK), the mask is one additive bias [B, T, S], padding rows are zeroed once on
+    the output, and the backward recomputes the probabilities transposed, [S, G*T],
+    from the saved log-sum-exp, so that it needs only small transposes of q, k, v and
+    the output gradient. Same contract as `attention_xla`.
+    """
+    if causal:
+        mask_BTS = packed_causal_mask(segment_ids_BT, segment_ids_BT)
+    else:
+        same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        mask_BTS = same_BTS & (segment_ids_BT != 0)[:, :, None]
+    bias_BTS = jnp.where(mask_BTS, 0.0, NEG_INF).astype(jnp.float32)
+    real_BT = (segment_ids_BT != 0).astype(jnp.float32)
+    return _attention_cpu(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT)
+
+
+def _pin(x: jax.Array) -> jax.Array:
+    """Materialises x as laid out (XLA would fold a transpose into the dot that follows)."""
+    return jax.lax.optimization_barrier(x)
+
+
+def _bmm(a, b):
+    """[B, K, M, C] x [B, K, C, N] -> [B, K, M, N], float32 accumulation."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def _group_q(x_BTHE: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, H, E] -> [B, K, G*T, E] (queries of one kv head, G-major)."""
+    b, t, h, e = x_BTHE.shape
+    x_BTKGE = x_BTHE.reshape(b, t, kv_heads, h // kv_heads, e)
+    return _pin(x_BTKGE.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, h // kv_heads * t, e))
+
+
+def _ungroup_q(x_BKQE: jax.Array, t: int) -> jax.Array:
+    """Inverse of `_group_q`: [B, K, G*T, E] -> [B, T, H, E]."""
+    b, k, q, e = x_BKQE.shape
+    x_BKGTE = x_BKQE.reshape(b, k, q // t, t, e)
+    return x_BKGTE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * (q // t), e)
+
+
+@jax.custom_vjp
+def _attention_cpu(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT):
+    return _attention_cpu_fwd(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT)[0]
+
+
+def _attention_cpu_fwd(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT):
+    b, t, h, e = q_BTHE.shape
+    k = k_BSKE.shape[2]
+    q_BKQE = _group_q(q_BTHE, k)
+    kT_BKES = _pin(k_BSKE.transpose(0, 2, 3, 1))
+    v_BKSE = _pin(v_BSKE.transpose(0, 2, 1, 3))
+    logits_BKQS = _bmm(q_BKQE, kT_BKES) * (e**-0.5)
+    logits_BKGTS = logits_BKQS.reshape(b, k, h // k, t, -1) + bias_BTS[:, None, None]
+    max_BKGT1 = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
+    exp_BKGTS = jnp.exp(logits_BKGTS - max_BKGT1)
+    sum_BKGT1 = jnp.sum(exp_BKGTS, axis=-1, keepdims=True)
+    probs_BKQS = (exp_BKGTS / sum_BKGT1).reshape(logits_BKQS.shape)
+    out_BKQE = _pin(_bmm(probs_BKQS.astype(v_BSKE.dtype), v_BKSE))
+    lse_BKQ = (max_BKGT1 + jnp.log(sum_BKGT1)).reshape(b, k, -1)
+    out_BTHE = _ungroup_q(out_BKQE, t) * real_BT[:, :, None, None]
+    res = (q_BTHE, k_BSKE, v_BKSE, kT_BKES, bias_BTS, real_BT, out_BKQE, lse_BKQ)
+    return out_BTHE.astype(q_BTHE.dtype), res
+
+
+def _attention_cpu_bwd(res, dout_BTHE):
+    q_BTHE, k_BSKE, v_BKSE, kT_BKES, bias_BTS, real_BT, out_BKQE, lse_BKQ = res
+    b, t, h, e = q_BTHE.shape
+    s, k = k_BSKE.shape[1], k_BSKE.shape[2]
+    g = h // k
+    dout_BTHE = dout_BTHE.astype(jnp.float32) * real_BT[:, :, None, None]
+    dout_BKQE = _group_q(dout_BTHE, k)
+    doutT_BKEQ = _pin(dout_BKQE.swapaxes(2, 3))
+    q_BKQE = _group_q(q_BTHE, k)
+    qT_BKEQ = _pin(q_BKQE.swapaxes(2, 3))
+    k_BKSE = _pin(k_BSKE.transpose(0, 2, 1, 3))
+    # Probabilities transposed, [S, G*T], from the saved log-sum-exp.
+    logitsT_BKSQ = _bmm(k_BKSE, qT_BKEQ.astype(k_BKSE.dtype)) * (e**-0.5)
+    biasT_B1S1T = bias_BTS.swapaxes(1, 2)[:, None, :, None, :]
+    logitsT_BKSGT = logitsT_BKSQ.reshape(b, k, s, g, t) + biasT_B1S1T
+    probsT_BKSQ = jnp.exp(logitsT_BKSGT.reshape(logitsT_BKSQ.shape) - lse_BKQ[:, :, None, :])
+    dv_BKSE = _bmm(probsT_BKSQ.astype(v_BKSE.dtype), dout_BKQE.astype(v_BKSE.dtype))
+    dprobsT_BKSQ = _bmm(v_BKSE, doutT_BKEQ.astype(v_BKSE.dtype))
+    delta_BKQ = jnp.sum(dout_BKQE * out_BKQE.astype(jnp.float32), axis=-1)
+    dlogitsT_BKSQ = probsT_BKSQ * (dprobsT_BKSQ - delta_BKQ[:, :, None, :]) * (e**-0.5)
+    dk_BKSE = _pin(_bmm(dlogitsT_BKSQ.astype(q_BKQE.dtype), q_BKQE))
+    dqT_BKEQ = _pin(_bmm(kT_BKES, dlogitsT_BKSQ.astype(kT_BKES.dtype)))
+    dv_BKSE = _pin(dv_BKSE)
+    dq_BTHE = _ungroup_q(dqT_BKEQ.swapaxes(2, 3), t)
+    return (dq_BTHE.astype(q_BTHE.dtype), dk_BKSE.swapaxes(1, 2).astype(k_BSKE.dtype),
+            dv_BKSE.swapaxes(1, 2).astype(k_BSKE.dtype), None, None)
+
+
+_attention_cpu.defvjp(_attention_cpu_fwd, _attention_cpu_bwd)
+
+
 def decode_attention_xla(
     q_BHE: jax.Array, k_cache_BSKE: jax.Array, v_cache_BSKE: jax.Array, lengths_B: jax.Array
 ) -> jax.Array:
@@ -207,7 +312,8 @@ def decode_attend(
 
 def _attention_fn(impl: str, platform: str, interpret: bool, causal: bool):
     if impl == "xla":
-        return functools.partial(attention_xla, causal=causal)
+        reference = attention_xla_cpu if platform == "cpu" else attention_xla
+        return functools.partial(reference, causal=causal)
     if impl == "pallas":
         if platform == "gpu":
             from qmath_jax.model.kernels import flash_gpu
