@@ -171,17 +171,22 @@ def test_dense_cpu_matches_einsum_values_and_grads():
         jnp.float32)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_cpu_attention_matches_the_reference_with_padding_and_packing(causal):
+@pytest.mark.parametrize("causal,min_query_block", [(True, 64), (True, 5), (False, 4)])
+def test_cpu_attention_matches_the_reference_with_padding_and_packing(
+    causal, min_query_block, monkeypatch
+):
     from qmath_jax.model import attention
 
-    b, t, h, k, e = 2, 16, 4, 2, 8
+    # T=16: one query block by default; 3 uneven causal blocks with a minimum of 5. B=3
+    # leaves a remainder for the loop over pairs of rows.
+    monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", min_query_block)
+    b, t, h, k, e = 3, 16, 4, 2, 8
     keys = jax.random.split(jax.random.key(6), 4)
     q = jax.random.normal(keys[0], (b, t, h, e))
     kk = jax.random.normal(keys[1], (b, t, k, e))
     v = jax.random.normal(keys[2], (b, t, k, e))
     dout = jax.random.normal(keys[3], (b, t, h, e))
-    segs = jnp.array([[1] * 5 + [2] * 7 + [0] * 4, [3] * 16])
+    segs = jnp.array([[1] * 5 + [2] * 7 + [0] * 4, [3] * 16, [0] * 3 + [4] * 13])
 
     def loss(fn, q, kk, v):
         return jnp.sum(fn(q, kk, v, segs, causal=causal) * dout)

@@ -75,11 +75,13 @@ def attention_xla_cpu(
 ) -> jax.Array:
     """`attention_xla` laid out for XLA:CPU, with a hand-written backward.
 
-    Every dot is a batched row-major "NN" product over [B, K] (what XLA:CPU hands to
+    Every dot is a row-major "NN" product batched over kv heads (what XLA:CPU hands to
     YNNPACK), the mask is one additive bias [B, T, S], padding rows are zeroed once on
-    the output, and the backward recomputes the probabilities transposed, [S, G*T],
-    from the saved log-sum-exp, so that it needs only small transposes of q, k, v and
-    the output gradient. Same contract as `attention_xla`.
+    the output, causal attention skips the key blocks above the diagonal (query blocks,
+    see MIN_QUERY_BLOCK), a loop over batch rows keeps temporaries small, and the
+    backward recomputes the probabilities transposed, [S, T*G], from the saved
+    log-sum-exp, so that it needs only small transposes of q, k, v and the output
+    gradient. Same contract as `attention_xla`.
     """
     if causal:
         mask_BTS = packed_causal_mask(segment_ids_BT, segment_ids_BT)
@@ -88,7 +90,11 @@ def attention_xla_cpu(
         mask_BTS = same_BTS & (segment_ids_BT != 0)[:, :, None]
     bias_BTS = jnp.where(mask_BTS, 0.0, NEG_INF).astype(jnp.float32)
     real_BT = (segment_ids_BT != 0).astype(jnp.float32)
-    return _attention_cpu(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT)
+    t = q_BTHE.shape[1]
+    blocks = 1
+    if causal and t == k_BSKE.shape[1]:
+        blocks = max(1, min(MAX_QUERY_BLOCKS, t // MIN_QUERY_BLOCK))
+    return _attention_cpu(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT, blocks)
 
 
 def _pin(x: jax.Array) -> jax.Array:
@@ -102,68 +108,119 @@ def _bmm(a, b):
 
 
 def _group_q(x_BTHE: jax.Array, kv_heads: int) -> jax.Array:
-    """[B, T, H, E] -> [B, K, G*T, E] (queries of one kv head, G-major)."""
+    """[B, T, H, E] -> [B, K, T*G, E]: the queries of each kv head, T-major."""
     b, t, h, e = x_BTHE.shape
     x_BTKGE = x_BTHE.reshape(b, t, kv_heads, h // kv_heads, e)
-    return _pin(x_BTKGE.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, h // kv_heads * t, e))
+    return _pin(x_BTKGE.transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * (h // kv_heads), e))
 
 
 def _ungroup_q(x_BKQE: jax.Array, t: int) -> jax.Array:
-    """Inverse of `_group_q`: [B, K, G*T, E] -> [B, T, H, E]."""
+    """Inverse of `_group_q`: [B, K, T*G, E] -> [B, T, H, E]."""
     b, k, q, e = x_BKQE.shape
-    x_BKGTE = x_BKQE.reshape(b, k, q // t, t, e)
-    return x_BKGTE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * (q // t), e)
+    x_BKTGE = x_BKQE.reshape(b, k, t, q // t, e)
+    return x_BKTGE.transpose(0, 2, 1, 3, 4).reshape(b, t, k * (q // t), e)
 
 
-@jax.custom_vjp
-def _attention_cpu(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT):
-    return _attention_cpu_fwd(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT)[0]
+ROWS_PER_STEP = 2  # batch rows per iteration of the CPU attention's loop (0: no loop)
+# The causal CPU attention splits the queries into blocks of at least MIN_QUERY_BLOCK (at
+# most MAX_QUERY_BLOCKS blocks); block [lo, hi) reads keys [0, hi) only: at T=256, 4 blocks
+# compute 10/16 of the full [T, S] square.
+MIN_QUERY_BLOCK = 64
+MAX_QUERY_BLOCKS = 8
 
 
-def _attention_cpu_fwd(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT):
-    b, t, h, e = q_BTHE.shape
-    k = k_BSKE.shape[2]
-    q_BKQE = _group_q(q_BTHE, k)
+def _over_rows(fn, *args_B):
+    """fn (written for one batch row) over the leading batch axis, ROWS_PER_STEP at a time.
+
+    A loop keeps the [K, T*G, S] temporaries of a few rows in cache (and reuses their
+    memory), where whole-batch ops stream [B, K, T*G, S] arrays through memory.
+    """
+    if ROWS_PER_STEP == 0:
+        return jax.vmap(fn)(*args_B)
+    return jax.lax.map(lambda xs: fn(*xs), args_B, batch_size=ROWS_PER_STEP)
+
+
+def _query_blocks(t: int, blocks: int) -> list[tuple[int, int]]:
+    """[(start, end)) query index ranges; with causal masking block i needs keys [0, end)."""
+    bounds = [round(t * i / blocks) for i in range(blocks + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def _row_forward(q_KQE, kT_KES, v_KSE, bias_TS, *, blocks):
+    """Softmax attention of one row: out [K, T*G, E] float32, lse [K, T*G]."""
+    k, q, e = q_KQE.shape
+    t, s = bias_TS.shape
+    g = q // t
+    outs, lses = [], []
+    for lo, hi in _query_blocks(t, blocks):
+        end = hi if blocks > 1 else s
+        logits_KQS = _bmm(q_KQE[:, lo * g:hi * g], kT_KES[:, :, :end]) * (e**-0.5)
+        logits_KTGS = logits_KQS.reshape(k, hi - lo, g, end) + bias_TS[lo:hi, None, :end]
+        max_KTG1 = jnp.max(logits_KTGS, axis=-1, keepdims=True)
+        exp_KTGS = jnp.exp(logits_KTGS - max_KTG1)
+        sum_KTG1 = jnp.sum(exp_KTGS, axis=-1, keepdims=True)
+        probs_KQS = (exp_KTGS / sum_KTG1).reshape(logits_KQS.shape)
+        outs.append(_bmm(probs_KQS.astype(v_KSE.dtype), v_KSE[:, :end]))
+        lses.append((max_KTG1 + jnp.log(sum_KTG1)).reshape(k, -1))
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+
+
+def _row_backward(q_KQE, k_KSE, kT_KES, v_KSE, dout_KQE, out_KQE, lse_KQ, biasT_ST, *, blocks):
+    """One row's (dq^T [K, E, T*G], dk [K, S, E], dv [K, S, E]), from probabilities recomputed
+    transposed, [K, S, T*G], so that every dot is NN."""
+    k, q, e = q_KQE.shape
+    s, t = biasT_ST.shape
+    g = q // t
+    delta_KQ = jnp.sum(dout_KQE * out_KQE, axis=-1)
+    dqTs, dk_KSE, dv_KSE = [], 0.0, 0.0
+    for lo, hi in _query_blocks(t, blocks):
+        end = hi if blocks > 1 else s
+        q_KqE, dout_KqE = q_KQE[:, lo * g:hi * g], dout_KQE[:, lo * g:hi * g]
+        logitsT_KSq = _bmm(k_KSE[:, :end], q_KqE.swapaxes(1, 2)) * (e**-0.5)
+        logitsT_KStg = logitsT_KSq.reshape(k, end, hi - lo, g) + biasT_ST[:end, lo:hi, None]
+        lse_Kq = lse_KQ[:, lo * g:hi * g]
+        probsT_KSq = jnp.exp(logitsT_KStg.reshape(logitsT_KSq.shape) - lse_Kq[:, None, :])
+        dv_KsE = _bmm(probsT_KSq.astype(v_KSE.dtype), dout_KqE.astype(v_KSE.dtype))
+        dprobsT_KSq = _bmm(v_KSE[:, :end], dout_KqE.swapaxes(1, 2).astype(v_KSE.dtype))
+        delta_Kq = delta_KQ[:, lo * g:hi * g]
+        dlogitsT_KSq = probsT_KSq * (dprobsT_KSq - delta_Kq[:, None, :]) * (e**-0.5)
+        dk_KsE = _bmm(dlogitsT_KSq.astype(q_KQE.dtype), q_KqE)
+        dqTs.append(_bmm(kT_KES[:, :, :end], dlogitsT_KSq.astype(kT_KES.dtype)))
+        pad = ((0, 0), (0, s - end), (0, 0))
+        dk_KSE = dk_KSE + jnp.pad(dk_KsE, pad)
+        dv_KSE = dv_KSE + jnp.pad(dv_KsE, pad)
+    return _pin(jnp.concatenate(dqTs, axis=2)), _pin(dk_KSE), _pin(dv_KSE)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_cpu(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT, blocks):
+    return _attention_cpu_fwd(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT, blocks)[0]
+
+
+def _attention_cpu_fwd(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT, blocks):
+    t = q_BTHE.shape[1]
+    q_BKQE = _group_q(q_BTHE, k_BSKE.shape[2])
     kT_BKES = _pin(k_BSKE.transpose(0, 2, 3, 1))
     v_BKSE = _pin(v_BSKE.transpose(0, 2, 1, 3))
-    logits_BKQS = _bmm(q_BKQE, kT_BKES) * (e**-0.5)
-    logits_BKGTS = logits_BKQS.reshape(b, k, h // k, t, -1) + bias_BTS[:, None, None]
-    max_BKGT1 = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
-    exp_BKGTS = jnp.exp(logits_BKGTS - max_BKGT1)
-    sum_BKGT1 = jnp.sum(exp_BKGTS, axis=-1, keepdims=True)
-    probs_BKQS = (exp_BKGTS / sum_BKGT1).reshape(logits_BKQS.shape)
-    out_BKQE = _pin(_bmm(probs_BKQS.astype(v_BSKE.dtype), v_BKSE))
-    lse_BKQ = (max_BKGT1 + jnp.log(sum_BKGT1)).reshape(b, k, -1)
-    out_BTHE = _ungroup_q(out_BKQE, t) * real_BT[:, :, None, None]
-    res = (q_BTHE, k_BSKE, v_BKSE, kT_BKES, bias_BTS, real_BT, out_BKQE, lse_BKQ)
+    row_forward = functools.partial(_row_forward, blocks=blocks)
+    out_BKQE, lse_BKQ = _over_rows(row_forward, q_BKQE, kT_BKES, v_BKSE, bias_BTS)
+    out_BTHE = _ungroup_q(_pin(out_BKQE), t) * real_BT[:, :, None, None]
+    res = (q_BKQE, k_BSKE, v_BKSE, kT_BKES, bias_BTS, real_BT, out_BKQE, lse_BKQ)
     return out_BTHE.astype(q_BTHE.dtype), res
 
 
-def _attention_cpu_bwd(res, dout_BTHE):
-    q_BTHE, k_BSKE, v_BKSE, kT_BKES, bias_BTS, real_BT, out_BKQE, lse_BKQ = res
-    b, t, h, e = q_BTHE.shape
-    s, k = k_BSKE.shape[1], k_BSKE.shape[2]
-    g = h // k
-    dout_BTHE = dout_BTHE.astype(jnp.float32) * real_BT[:, :, None, None]
-    dout_BKQE = _group_q(dout_BTHE, k)
-    doutT_BKEQ = _pin(dout_BKQE.swapaxes(2, 3))
-    q_BKQE = _group_q(q_BTHE, k)
-    qT_BKEQ = _pin(q_BKQE.swapaxes(2, 3))
+def _attention_cpu_bwd(blocks, res, dout_BTHE):
+    q_BKQE, k_BSKE, v_BKSE, kT_BKES, bias_BTS, real_BT, out_BKQE, lse_BKQ = res
+    t, k = dout_BTHE.shape[1], k_BSKE.shape[2]
+    dout_BKQE = _group_q(dout_BTHE.astype(jnp.float32) * real_BT[:, :, None, None], k)
     k_BKSE = _pin(k_BSKE.transpose(0, 2, 1, 3))
-    # Probabilities transposed, [S, G*T], from the saved log-sum-exp.
-    logitsT_BKSQ = _bmm(k_BKSE, qT_BKEQ.astype(k_BKSE.dtype)) * (e**-0.5)
-    biasT_B1S1T = bias_BTS.swapaxes(1, 2)[:, None, :, None, :]
-    logitsT_BKSGT = logitsT_BKSQ.reshape(b, k, s, g, t) + biasT_B1S1T
-    probsT_BKSQ = jnp.exp(logitsT_BKSGT.reshape(logitsT_BKSQ.shape) - lse_BKQ[:, :, None, :])
-    dv_BKSE = _bmm(probsT_BKSQ.astype(v_BKSE.dtype), dout_BKQE.astype(v_BKSE.dtype))
-    dprobsT_BKSQ = _bmm(v_BKSE, doutT_BKEQ.astype(v_BKSE.dtype))
-    delta_BKQ = jnp.sum(dout_BKQE * out_BKQE.astype(jnp.float32), axis=-1)
-    dlogitsT_BKSQ = probsT_BKSQ * (dprobsT_BKSQ - delta_BKQ[:, :, None, :]) * (e**-0.5)
-    dk_BKSE = _pin(_bmm(dlogitsT_BKSQ.astype(q_BKQE.dtype), q_BKQE))
-    dqT_BKEQ = _pin(_bmm(kT_BKES, dlogitsT_BKSQ.astype(kT_BKES.dtype)))
-    dv_BKSE = _pin(dv_BKSE)
+    biasT_BST = bias_BTS.swapaxes(1, 2)
+    row_backward = functools.partial(_row_backward, blocks=blocks)
+    dqT_BKEQ, dk_BKSE, dv_BKSE = _over_rows(
+        row_backward, q_BKQE, k_BKSE, kT_BKES, v_BKSE, dout_BKQE, out_BKQE, lse_BKQ, biasT_BST
+    )
     dq_BTHE = _ungroup_q(dqT_BKEQ.swapaxes(2, 3), t)
-    return (dq_BTHE.astype(q_BTHE.dtype), dk_BKSE.swapaxes(1, 2).astype(k_BSKE.dtype),
+    return (dq_BTHE.astype(q_BKQE.dtype), dk_BKSE.swapaxes(1, 2).astype(k_BSKE.dtype),
             dv_BKSE.swapaxes(1, 2).astype(k_BSKE.dtype), None, None)
 
 
