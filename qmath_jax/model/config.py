@@ -91,9 +91,10 @@ PRESETS: dict[str, ModelConfig] = {
         tie_embeddings=True,
     ),
     # The benchmark model of bench/: small enough for CPU, shaped like the real ones.
+    # Its 4 layers unroll (scan_unroll=4): no stacked residuals to zero and slice per step.
     "bench": ModelConfig(
         vocab_size=2048, embed_dim=256, mlp_dim=704, num_layers=4, num_heads=4,
-        num_kv_heads=2, dtype="float32", remat="none",
+        num_kv_heads=2, dtype="float32", remat="none", scan_unroll=4,
     ),
     # Tiny models for tests and the CPU demo.
     "tiny": ModelConfig(
