@@ -177,8 +177,7 @@ def test_cpu_attention_matches_the_reference_with_padding_and_packing(
 ):
     from qmath_jax.model import attention
 
-    # T=16: one query block by default; 3 uneven causal blocks with a minimum of 5. B=3
-    # leaves a remainder for the loop over pairs of rows.
+    # T=16: one query block by default; 3 uneven causal blocks with a minimum of 5.
     monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", min_query_block)
     b, t, h, k, e = 3, 16, 4, 2, 8
     keys = jax.random.split(jax.random.key(6), 4)

@@ -7,6 +7,7 @@ G = H / K query heads per kv head, E head dim.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -78,10 +79,9 @@ def attention_xla_cpu(
     Every dot is a row-major "NN" product batched over kv heads (what XLA:CPU hands to
     YNNPACK), the mask is one additive bias [B, T, S], padding rows are zeroed once on
     the output, causal attention skips the key blocks above the diagonal (query blocks,
-    see MIN_QUERY_BLOCK), a loop over batch rows keeps temporaries small, and the
-    backward recomputes the probabilities transposed, [S, T*G], from the saved
-    log-sum-exp, so that it needs only small transposes of q, k, v and the output
-    gradient. Same contract as `attention_xla`.
+    see MIN_QUERY_BLOCK), and the backward recomputes the probabilities transposed,
+    [S, T*G], from the saved log-sum-exp, so that it needs only small transposes of q,
+    k, v and the output gradient. Same contract as `attention_xla`.
     """
     if causal:
         mask_BTS = packed_causal_mask(segment_ids_BT, segment_ids_BT)
@@ -121,7 +121,6 @@ def _ungroup_q(x_BKQE: jax.Array, t: int) -> jax.Array:
     return x_BKTGE.transpose(0, 2, 1, 3, 4).reshape(b, t, k * (q // t), e)
 
 
-ROWS_PER_STEP = 2  # batch rows per iteration of the CPU attention's loop (0: no loop)
 # The causal CPU attention splits the queries into blocks of at least MIN_QUERY_BLOCK (at
 # most MAX_QUERY_BLOCKS blocks); block [lo, hi) reads keys [0, hi) only: at T=256, 4 blocks
 # compute 10/16 of the full [T, S] square.
@@ -129,21 +128,10 @@ MIN_QUERY_BLOCK = 64
 MAX_QUERY_BLOCKS = 8
 
 
-def _over_rows(fn, *args_B):
-    """fn (written for one batch row) over the leading batch axis, ROWS_PER_STEP at a time.
-
-    A loop keeps the [K, T*G, S] temporaries of a few rows in cache (and reuses their
-    memory), where whole-batch ops stream [B, K, T*G, S] arrays through memory.
-    """
-    if ROWS_PER_STEP == 0:
-        return jax.vmap(fn)(*args_B)
-    return jax.lax.map(lambda xs: fn(*xs), args_B, batch_size=ROWS_PER_STEP)
-
-
 def _query_blocks(t: int, blocks: int) -> list[tuple[int, int]]:
     """[(start, end)) query index ranges; with causal masking block i needs keys [0, end)."""
     bounds = [round(t * i / blocks) for i in range(blocks + 1)]
-    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
 
 def _row_forward(q_KQE, kT_KES, v_KSE, bias_TS, *, blocks):
@@ -203,7 +191,7 @@ def _attention_cpu_fwd(q_BTHE, k_BSKE, v_BSKE, bias_BTS, real_BT, blocks):
     kT_BKES = _pin(k_BSKE.transpose(0, 2, 3, 1))
     v_BKSE = _pin(v_BSKE.transpose(0, 2, 1, 3))
     row_forward = functools.partial(_row_forward, blocks=blocks)
-    out_BKQE, lse_BKQ = _over_rows(row_forward, q_BKQE, kT_BKES, v_BKSE, bias_BTS)
+    out_BKQE, lse_BKQ = jax.vmap(row_forward)(q_BKQE, kT_BKES, v_BKSE, bias_BTS)
     out_BTHE = _ungroup_q(_pin(out_BKQE), t) * real_BT[:, :, None, None]
     res = (q_BKQE, k_BSKE, v_BKSE, kT_BKES, bias_BTS, real_BT, out_BKQE, lse_BKQ)
     return out_BTHE.astype(q_BTHE.dtype), res
@@ -216,8 +204,8 @@ def _attention_cpu_bwd(blocks, res, dout_BTHE):
     k_BKSE = _pin(k_BSKE.transpose(0, 2, 1, 3))
     biasT_BST = bias_BTS.swapaxes(1, 2)
     row_backward = functools.partial(_row_backward, blocks=blocks)
-    dqT_BKEQ, dk_BKSE, dv_BKSE = _over_rows(
-        row_backward, q_BKQE, k_BKSE, kT_BKES, v_BKSE, dout_BKQE, out_BKQE, lse_BKQ, biasT_BST
+    dqT_BKEQ, dk_BKSE, dv_BKSE = jax.vmap(row_backward)(
+        q_BKQE, k_BKSE, kT_BKES, v_BKSE, dout_BKQE, out_BKQE, lse_BKQ, biasT_BST
     )
     dq_BTHE = _ungroup_q(dqT_BKEQ.swapaxes(2, 3), t)
     return (dq_BTHE.astype(q_BKQE.dtype), dk_BKSE.swapaxes(1, 2).astype(k_BSKE.dtype),
