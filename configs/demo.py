@@ -36,12 +36,15 @@ def get_config():
     c.demo = ml_collections.ConfigDict({
         "pretrain": dict(stage_train, steps=200, lr=3e-3, end_lr=3e-4),
         "sft": dict(stage_train, steps=700, lr=2e-3, end_lr=2e-4),
-        "rm": dict(stage_train, steps=60, batch_size=8, seq_len=320, lr=1e-3, end_lr=1e-4),
+        "rm": dict(stage_train, steps=60, batch_size=8, seq_len=224, lr=1e-3, end_lr=1e-4),
         "rft": dict(stage_train, steps=100, lr=2e-4, end_lr=2e-5, warmup_steps=5),
-        "grpo_train": dict(steps=10, lr=1e-4, end_lr=1e-4, warmup_steps=0, decay="constant",
-                           checkpoint_every_steps=4),
+        "grpo_train": dict(steps=30, lr=5e-5, end_lr=5e-5, warmup_steps=0, decay="constant",
+                           checkpoint_every_steps=10),
+        # queries: the report's filter (2 to 5 of 8 sampled answers correct) over 256
+        # training problems; without it most groups are all-correct sums with no signal
         "grpo": dict(mode="tir", group_size=8, prompts_per_step=8, mini_batch=32, passes=1,
-                     max_prompt_len=128, max_new_tokens=192, kl_coef=1e-3),
+                     max_prompt_len=128, max_new_tokens=192, kl_coef=1e-3,
+                     filter_n=8, filter_keep="2,5", filter_problems=256),
         "synth": dict(n=6, max_new_tokens=192, batch_size=32, temperature=0.7, top_p=0.8,
                       reference_positive=True),
         "rm_problems": 96,

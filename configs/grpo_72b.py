@@ -13,8 +13,10 @@ policy's own params.
   python -m qmath_jax.launch --config grpo_72b --compile_only       # any host, libtpu
 
 init.checkpoint (the SFT model), grpo.rm_checkpoint (the RM run) and data.sources
-({question, answer} queries, kept by the 2-to-5-of-8 filter) name your own files (the
-/path/to/ defaults exist nowhere).
+({question, answer} queries) name your own files (the /path/to/ defaults exist nowhere).
+Before the first episode the report's query filter samples 8 answers to each query with
+the SFT policy and keeps those with 2 to 5 correct (workdir/queries.jsonl, with counts in
+workdir/query_filter.json); pass --config.grpo.filter_n=0 for queries filtered already.
 
 Expected (--compile_only on a 2-core CPU host): four programs (policy update, reference
 log-probs, RM scoring, one rollout decode step over the episode's KV cache) compile in
@@ -45,6 +47,8 @@ def get_config():
     c.grpo.max_prompt_len = 1024
     c.grpo.max_new_tokens = 2048
     c.grpo.temperature = 1.0
+    c.grpo.filter_n = 8  # the report's query filter: keep 2..5 of 8 correct
+    c.grpo.filter_keep = "2,5"
     c.train.steps = 200  # episodes
     c.train.lr = 5e-6
     c.train.end_lr = 5e-6

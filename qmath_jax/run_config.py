@@ -77,6 +77,12 @@ def base(stage: str) -> ml_collections.ConfigDict:
         "temperature": 1.0,
         "top_p": 1.0,
         "rm_checkpoint": "",  # an RM stage's workdir; empty: verifier reward only
+        # The report's query filter: before training, sample filter_n answers to each of
+        # the first filter_problems queries of data.sources (0: all of a file) with the
+        # starting policy and train only on queries with filter_keep correct (inclusive).
+        "filter_n": 0,  # 0: no filter (the report: 8)
+        "filter_keep": "2,5",
+        "filter_problems": 0,
     }
     # Evaluation (stage eval): benchmark sets by name from eval.benchmarks (default
     # ../shared/benchmarks), or "synthetic" (the corpus's test split); limit = problems per

@@ -63,3 +63,36 @@ def test_resume_mid_grpo_repeats_the_same_rollouts_and_updates(setup):
     _, pa = checkpoint.load_params(str(straight))
     _, pb = checkpoint.load_params(str(resumed))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), pa, pb)
+
+
+def test_query_filter_keeps_the_queries_in_range_and_a_restart_reuses_them(setup):
+    root, tok_path, rm_dir = setup
+    cfg = _cfg(tok_path, rm_dir, 1)
+    # A random policy answers no synthetic problem right: every query has 0 of 4 correct.
+    cfg.grpo.update(filter_n=4, filter_keep="0,0", filter_problems=6)
+    workdir = root / "filtered"
+    grpo.run(cfg, str(workdir))
+    report = json.load(open(workdir / grpo.FILTER_REPORT))
+    assert report["screened"] == 6 and report["kept"] == 6
+    assert report["correct_histogram"] == {"0": 6, "1": 0, "2": 0, "3": 0, "4": 0}
+    kept = [json.loads(x) for x in open(workdir / grpo.QUERIES_FILE)]
+    corpus = common.synthetic_corpus(cfg, "train")
+    assert [q["question"] for q in kept] == [corpus[i]["question"] for i in range(6)]
+    assert sorted(_rows(workdir)) == [1]
+    # A restart reads the kept queries back instead of screening again.
+    (workdir / grpo.QUERIES_FILE).write_text("".join(json.dumps(q) + "\n" for q in kept[:2]))
+    cfg.train.steps = 2
+    grpo.run(cfg, str(workdir))
+    assert json.load(open(workdir / grpo.FILTER_REPORT))["kept"] == 6
+    assert sorted(_rows(workdir)) == [1, 2]
+
+
+def test_query_filter_that_keeps_nothing_says_how_to_fix_it(setup, tmp_path):
+    root, tok_path, rm_dir = setup
+    cfg = _cfg(tok_path, rm_dir, 1)
+    cfg.grpo.update(filter_n=4, filter_keep="2,4", filter_problems=3)
+    with pytest.raises(ValueError, match=r"kept none of 3 queries.*filter_keep"):
+        grpo.run(cfg, str(tmp_path / "none"))
+    cfg.grpo.filter_keep = "5"
+    with pytest.raises(ValueError, match="LOW,HIGH"):
+        grpo.run(cfg, str(tmp_path / "bad"))

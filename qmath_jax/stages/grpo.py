@@ -61,10 +61,10 @@ def problem_source(spec: str, cfg, split: str = "train"):
     return sources.open_source(spec, required=("question", "answer"))
 
 
-def prompt_dataset(cfg, tok):
+def prompt_dataset(cfg, tok, source=None):
     mode = cfg.grpo.mode
     return pipelines.rl_dataset(
-        problem_source(cfg.data.sources, cfg), tok, batch_size=cfg.grpo.prompts_per_step,
+        source if source is not None else problem_source(cfg.data.sources, cfg), tok, batch_size=cfg.grpo.prompts_per_step,
         max_prompt_len=cfg.grpo.max_prompt_len,
         prompt_fn=lambda r: chat.format_prompt(r["question"], mode), seed=cfg.seed,
         num_threads=cfg.data.num_threads,
@@ -74,20 +74,22 @@ def prompt_dataset(cfg, tok):
 # -------------------------------------------------------------------------- rollout
 
 
-def rollout(cfg, policy_cfg, params, tok, prompt_ids, key, mesh, pool=None):
-    """G responses per prompt: (tokens, model-token mask, tool calls, texts), prompt-major."""
+def rollout(cfg, policy_cfg, params, tok, prompt_ids, key, mesh, pool=None, n=None):
+    """n (default G) responses per prompt: (tokens, model-token mask, tool calls, texts),
+    prompt-major."""
     g = cfg.grpo
+    n = n or g.group_size
     stop_ids = [i for i in (tok.eos_id, tok.im_end_id) if i is not None]
     if g.mode == "tir":
         generate_fn = sampler.make_generate_fn(policy_cfg, params, tok, temperature=g.temperature,
                                                top_p=g.top_p, key=key, mesh=mesh)
-        repeated = [p for p in prompt_ids for _ in range(g.group_size)]
+        repeated = [p for p in prompt_ids for _ in range(n)]
         trajs = tir.run_tir(generate_fn, tok, repeated, max_new_tokens=g.max_new_tokens,
                             max_tool_calls=g.max_tool_calls, pool=pool)
         return ([t.tokens for t in trajs], [t.loss_mask for t in trajs],
                 [t.num_tool_calls for t in trajs], [t.text for t in trajs])
     outs = sampler.generate(policy_cfg, params, prompt_ids, g.max_new_tokens,
-                            temperature=g.temperature, top_p=g.top_p, n=g.group_size,
+                            temperature=g.temperature, top_p=g.top_p, n=n,
                             stop_token_ids=stop_ids, tokenizer=tok, key=key, mesh=mesh)
     return ([o.tokens for o in outs], [[1] * len(o.tokens) for o in outs], [0] * len(outs),
             [o.text for o in outs])
@@ -195,9 +197,16 @@ def run(cfg, workdir: str):
         opt_cfg.train.steps = cfg.train.steps * per_rollout
     model = Transformer(policy_cfg, mesh=mesh)
     trainer = common.make_trainer(opt_cfg, workdir, model, grpo_loss_fn(model, g), mesh, "grpo")
-    prompts_it = iter(prompt_dataset(cfg, tok))
     state, data_state = trainer.restore_latest()
     reference = common.initial_params(cfg, policy_cfg, trainer.state_shardings.params)
+    from qmath_jax.sandbox import SandboxPool
+
+    pool = SandboxPool(size=2) if g.mode == "tir" else None
+    queries = None
+    if g.filter_n:
+        init = reference if reference is not None else trainer.init_state().params
+        queries = filtered_queries(cfg, policy_cfg, init, tok, workdir, mesh, pool)
+    prompts_it = iter(prompt_dataset(cfg, tok, queries))
     if state is None:
         state = trainer.init_state(reference)
         start = 0
@@ -210,9 +219,6 @@ def run(cfg, workdir: str):
     rm = load_rm(cfg, tok, mesh)
     logp = logprob_fn(model)
     seq_len = g.max_prompt_len + g.max_new_tokens
-    from qmath_jax.sandbox import SandboxPool
-
-    pool = SandboxPool(size=2) if g.mode == "tir" else None
     try:
         for it in range(start, cfg.train.steps):
             batch = next(prompts_it)
@@ -288,22 +294,76 @@ def iteration(cfg, it, state, batch, trainer, policy_cfg, tok, reference, rm, lo
 # -------------------------------------------------------------------------- query filter
 
 
-def filter_queries(policy_cfg, params, tok, problems: list[dict], *, n: int = 8,
-                   keep: tuple[int, int] = (2, 5), mode: str = "cot", max_new_tokens: int = 512,
-                   temperature: float = 1.0, key=None) -> tuple[list[dict], list[int]]:
-    """The report's RL query filter: keep problems with keep[0]..keep[1] of n correct.
+QUERIES_FILE = "queries.jsonl"  # the filter's kept queries, in the GRPO workdir
+FILTER_REPORT = "query_filter.json"
+_FILTER_STREAM = 2**31 - 1  # fold_in index of the filter's samples (iterations use 0, 1, ...)
+
+
+def keep_range(spec: str) -> tuple[int, int]:
+    """'2,5' -> (2, 5): the inclusive range of correct samples a kept query has."""
+    try:
+        lo, hi = (int(x) for x in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"grpo.filter_keep={spec!r}: write it as 'LOW,HIGH', e.g. '2,5'")
+    return lo, hi
+
+
+def filter_queries(cfg, policy_cfg, params, tok, problems: list[dict], key, mesh=None,
+                   pool=None) -> tuple[list[dict], list[int]]:
+    """The report's RL query filter: sample grpo.filter_n answers per problem from the
+    starting policy (CoT or TIR, as the rollouts), keep problems whose number of verified
+    answers lies in grpo.filter_keep (inclusive; the report keeps 2..5 of 8).
 
     Returns (kept problems, correct count per problem).
     """
-    prompts = [tok.encode(chat.format_prompt(p["question"], mode)) for p in problems]
-    stop_ids = [i for i in (tok.eos_id, tok.im_end_id) if i is not None]
-    outs = sampler.generate(policy_cfg, params, prompts, max_new_tokens, temperature=temperature,
-                            n=n, stop_token_ids=stop_ids, tokenizer=tok,
-                            key=key if key is not None else jax.random.key(0))
-    golds = [p["answer"] for p in problems for _ in range(n)]
-    correct = verifier_rewards([o.text for o in outs], golds).reshape(len(problems), n).sum(1)
-    kept = [p for p, c in zip(problems, correct) if keep[0] <= c <= keep[1]]
-    return kept, [int(c) for c in correct]
+    g = cfg.grpo
+    lo, hi = keep_range(g.filter_keep)
+    n = g.filter_n
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"grpo.filter_keep={g.filter_keep!r} must lie in 0..filter_n={n}")
+    counts: list[int] = []
+    chunk = max(1, g.prompts_per_step)
+    for start in range(0, len(problems), chunk):
+        part = problems[start : start + chunk]
+        prompt_ids = [tok.encode(chat.format_prompt(p["question"], g.mode)) for p in part]
+        texts = rollout(cfg, policy_cfg, params, tok, prompt_ids,
+                        jax.random.fold_in(key, start), mesh, pool, n=n)[3]
+        golds = [p["answer"] for p in part for _ in range(n)]
+        counts += [int(c) for c in verifier_rewards(texts, golds).reshape(len(part), n).sum(1)]
+    kept = [p for p, c in zip(problems, counts) if lo <= c <= hi]
+    return kept, counts
+
+
+def filtered_queries(cfg, policy_cfg, params, tok, workdir: str, mesh, pool) -> list[dict]:
+    """Screens grpo.filter_problems queries of data.sources once (a restarted run reads the
+    kept ones back from workdir/queries.jsonl) and returns the kept ones."""
+    g = cfg.grpo
+    path = os.path.join(workdir, QUERIES_FILE)
+    if fileio.exists(path):
+        with fileio.open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    source = problem_source(cfg.data.sources, cfg)
+    count = min(len(source), g.filter_problems) if g.filter_problems else len(source)
+    problems = [{"question": source[i]["question"], "answer": str(source[i]["answer"])}
+                for i in range(count)]
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(jax.random.key(cfg.seed), _FILTER_STREAM)
+    kept, counts = filter_queries(cfg, policy_cfg, params, tok, problems, key, mesh, pool)
+    report = {"screened": len(problems), "kept": len(kept), "keep": g.filter_keep,
+              "samples_per_query": g.filter_n,
+              "correct_histogram": {str(c): counts.count(c) for c in range(g.filter_n + 1)},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"[grpo] query filter: {json.dumps(report)}")
+    if not kept:
+        raise ValueError(
+            f"the query filter kept none of {len(problems)} queries (correct answers per "
+            f"query: {report['correct_histogram']}); widen grpo.filter_keep, screen more "
+            "(grpo.filter_problems) or set grpo.filter_n=0 to train on every query")
+    if jax.process_index() == 0:
+        fileio.makedirs(workdir)
+        fileio.write_text(os.path.join(workdir, FILTER_REPORT), json.dumps(report, indent=2))
+        fileio.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def write_jsonl(path: str, rows) -> None:
