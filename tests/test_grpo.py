@@ -88,7 +88,7 @@ def test_query_filter_keeps_the_queries_in_range_and_a_restart_reuses_them(setup
 
 
 def test_query_filter_that_keeps_nothing_says_how_to_fix_it(setup, tmp_path):
-    root, tok_path, rm_dir = setup
+    _, tok_path, rm_dir = setup
     cfg = _cfg(tok_path, rm_dir, 1)
     cfg.grpo.update(filter_n=4, filter_keep="2,4", filter_problems=3)
     with pytest.raises(ValueError, match=r"kept none of 3 queries.*filter_keep"):
