@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from qmath_jax.data.synthetic import SyntheticMath
-from qmath_jax.model import get_preset, init_params
+from qmath_jax.model import Transformer, get_preset, init_params
 from qmath_jax.run_config import base
 from qmath_jax.stages import reward_model
 
@@ -47,3 +47,16 @@ def test_rm_params_take_the_lm_trunk_and_a_new_head():
     rm = reward_model.rm_params_from_lm(lm, lm_cfg.replace(head="rm"))
     assert set(rm) == {"embedding", "layers", "final_norm", "score"}
     np.testing.assert_array_equal(rm["embedding"], lm["embedding"])
+
+
+def test_held_out_report_with_no_mixed_group_says_so():
+    # All six answers right in every group: no pair to rank, so no figure (not 0.0).
+    cfg = get_preset("tiny", head="rm")
+    t = 8
+    batch = {"tokens": np.ones((2, 6, t), np.int32), "segment_ids": np.ones((2, 6, t), np.int32),
+             "positions": np.broadcast_to(np.arange(t), (2, 6, t)).astype(np.int32),
+             "last_index": np.full((2, 6), t - 1, np.int32), "labels": np.ones((2, 6), np.int32)}
+    report = reward_model.evaluate(Transformer(cfg), init_params(cfg, jax.random.key(0)),
+                                   [batch])
+    assert report == {"pair_accuracy": None, "top_correct": None, "loss": None,
+                      "top_correct_chance": None, "groups": 0}

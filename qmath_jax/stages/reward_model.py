@@ -80,6 +80,7 @@ def evaluate(model, params, batches) -> dict:
 
     Chance is 0.5 for a pair; for the top answer it is the share of correct answers in
     the group (a random pick), averaged like `top_correct` over the groups with pairs.
+    With no such group every figure is None and `groups` is 0.
     """
     score = jax.jit(lambda p, b: scores_at_last_token(model, p, b))
     totals = {"weight": 0.0, "pair_accuracy": 0.0, "top_correct": 0.0, "loss": 0.0,
@@ -91,7 +92,9 @@ def evaluate(model, params, batches) -> dict:
             totals[k] += float(aux[k])
         totals["loss"] += float(loss)
         totals["top_correct_chance"] += _random_pick_correct(batch)
-    n = max(totals.pop("weight"), 1.0)
+    n = totals.pop("weight")
+    if n == 0:  # no group has both a correct and a wrong answer: nothing to rank
+        return {k: None for k in totals} | {"groups": 0}
     return {k: v / n for k, v in totals.items()} | {"groups": n}
 
 
