@@ -84,6 +84,7 @@ def run(cfg, workdir: str):
             held_out = split == "test"  # scored as sampled: no reference positives
             scfg = _sub(cfg, "synth", init={"checkpoint": dirs["sft"]}, **shared,
                         synth={**d.synth, "write": "rm", "num_problems": count, "out": path,
+                               "temperature": d.rm_temperature, "top_p": 1.0,
                                "mode": d.rm_mode, "decontam_synthetic": 0 if held_out else 2000,
                                "reference_positive": d.synth.reference_positive
                                and not held_out})
