@@ -27,6 +27,14 @@ def packed_causal_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array
     return same_BTS & real_BTS & causal_TS[None]
 
 
+def self_attention_mask(segment_ids_BT: jax.Array, causal: bool) -> jax.Array:
+    """[B, T, T] bool: same non-zero segment, and key index <= query index when causal."""
+    if causal:
+        return packed_causal_mask(segment_ids_BT, segment_ids_BT)
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return same_BTS & (segment_ids_BT != 0)[:, :, None]
+
+
 def attention_xla(
     q_BTHE: jax.Array,
     k_BSKE: jax.Array,
@@ -49,11 +57,7 @@ def attention_xla(
     logits_BKGTS = jnp.einsum(
         "BTKGE,BSKE->BKGTS", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32
     ) * (e**-0.5)
-    if causal:
-        mask_BTS = packed_causal_mask(segment_ids_BT, segment_ids_BT)
-    else:
-        same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        mask_BTS = same_BTS & (segment_ids_BT != 0)[:, :, None]
+    mask_BTS = self_attention_mask(segment_ids_BT, causal)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
     probs_BKGTS = jnp.where(mask_BTS[:, None, None], probs_BKGTS, 0.0)
@@ -83,11 +87,7 @@ def attention_xla_cpu(
     [S, T*G], from the saved log-sum-exp, so that it needs only small transposes of q,
     k, v and the output gradient. Same contract as `attention_xla`.
     """
-    if causal:
-        mask_BTS = packed_causal_mask(segment_ids_BT, segment_ids_BT)
-    else:
-        same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        mask_BTS = same_BTS & (segment_ids_BT != 0)[:, :, None]
+    mask_BTS = self_attention_mask(segment_ids_BT, causal)
     bias_BTS = jnp.where(mask_BTS, 0.0, NEG_INF).astype(jnp.float32)
     real_BT = (segment_ids_BT != 0).astype(jnp.float32)
     t = q_BTHE.shape[1]
