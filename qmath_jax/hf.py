@@ -330,6 +330,22 @@ def _get_path(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+def load_on(hf_dir: str, mesh=None, **config_overrides):
+    """`load` with every tensor read straight into its shard of `mesh` (by the logical axes of
+    the checkpoint's own architecture; None: unsharded)."""
+    if mesh is None:
+        return load(hf_dir, None, **config_overrides)
+    from qmath_jax import parallel
+    from qmath_jax.model.transformer import param_axes
+
+    cfg_path = os.path.join(hf_dir, "config.json")
+    if not fileio.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: an HF checkpoint needs its config.json")
+    with fileio.open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f), **config_overrides)
+    return load(hf_dir, parallel.logical_to_sharding(param_axes(cfg), mesh), **config_overrides)
+
+
 def load(hf_dir: str, shardings=None, **config_overrides):
     """Loads an HF Qwen2 checkpoint.
 

@@ -243,6 +243,37 @@ def shard_batch(local_batch, mesh: Mesh):
     return jax.tree.map(put, local_batch)
 
 
+def fetch(tree):
+    """Device arrays -> numpy on this host, whole, also when they span other hosts' devices.
+
+    A jitted call on a multi-host mesh returns global arrays of which this host holds only
+    its shards; `jax.device_get` refuses those. This all-gathers them (every host must call
+    it, in the same order, as for any collective) and leaves host-local arrays as they are.
+    """
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def allgather_bytes(payload: bytes) -> list[bytes]:
+    """Every host's `payload`, in process order (a collective: every host calls it)."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return [payload]
+    sizes = multihost_utils.process_allgather(np.array([len(payload)], np.int64))
+    sizes = np.asarray(sizes).reshape(-1)
+    buf = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    buf[: len(payload)] = np.frombuffer(payload, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf))
+    return [rows[h, : int(n)].tobytes() for h, n in enumerate(sizes)]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, PartitionSpec())

@@ -1026,6 +1026,7 @@ def _run(args, st: _Static, mesh):
 
         with jax.set_mesh(mesh), parallel.axis_rules():
             out = _generate_chunk(*args, st=st)
+        return parallel.fetch(out)  # on a multi-host mesh every host gets every row
     return jax.device_get(out)
 
 

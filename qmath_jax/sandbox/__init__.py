@@ -8,6 +8,7 @@ gives parallel `map` and explicit lifetimes. docs/sandbox.md lists what is guara
 from qmath_jax.sandbox.pool import (
     DEFAULT_MEMORY_MB,
     DEFAULT_TIMEOUT_S,
+    HostShardedPool,
     SandboxError,
     SandboxPool,
     SandboxResult,
@@ -18,6 +19,7 @@ from qmath_jax.sandbox.pool import (
 __all__ = [
     "DEFAULT_MEMORY_MB",
     "DEFAULT_TIMEOUT_S",
+    "HostShardedPool",
     "SandboxError",
     "SandboxPool",
     "SandboxResult",

@@ -312,14 +312,14 @@ class RewardScorer:
         segments[len(cut) :, 0, 0] = 1  # padding rows: one dummy token
         batch = {"tokens": tokens, "segment_ids": segments, "positions": positions,
                  "last_index": last}  # fmt: skip
+        from qmath_jax import parallel
+
         if self.mesh is None:
             scores = self._score(self.params, batch)
         else:
-            from qmath_jax import parallel
-
             with self.mesh, parallel.axis_rules():
                 scores = self._score(self.params, batch)
-        return [float(x) for x in np.asarray(jax.device_get(scores))[: len(cut), 0]]
+        return [float(x) for x in parallel.fetch(scores)[: len(cut), 0]]
 
 
 # ----------------------------------------------------------------------------- rows on disk
@@ -745,8 +745,6 @@ def load_model(kind: str, path: str, mesh, *, dtype: str = "", param_dtype: str 
       param_dtype: storage dtype of the params ("" keeps the checkpoint's).
       attention_impl: attention implementation ("" keeps the checkpoint's).
     """
-    from qmath_jax import parallel
-    from qmath_jax.model.transformer import param_axes
     from qmath_jax.train import checkpoint as params_ckpt
 
     overrides = {"remat": "none"}  # inference: nothing to rematerialise
@@ -757,23 +755,11 @@ def load_model(kind: str, path: str, mesh, *, dtype: str = "", param_dtype: str 
     if kind == "hf":
         from qmath_jax import hf
 
-        cfg_path = os.path.join(path, "config.json")
-        if not fileio.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path} not found: {path} is not an HF checkpoint")
-        with fileio.open(cfg_path) as f:
-            model_cfg = hf.config_from_hf(json.load(f), **overrides)
-        shardings = None if mesh is None else parallel.logical_to_sharding(
-            param_axes(model_cfg), mesh)  # fmt: skip
-        return hf.load(path, shardings, **overrides)
-    model_cfg = params_ckpt.read_model_config(path).replace(**overrides)
-    # Restored on the host, then placed: checkpoint.load_params' sharded restore does not
-    # accept this Orbax version's metadata tree.
-    _, params = params_ckpt.load_params(path)
+        return hf.load_on(path, mesh, **overrides)
+    saved_cfg, params = params_ckpt.load_params_on(path, mesh)
     if param_dtype:
-        params = jax.tree.map(lambda x: np.asarray(x, dtype=param_dtype), params)
-    if mesh is not None:
-        params = jax.device_put(params, parallel.logical_to_sharding(param_axes(model_cfg), mesh))
-    return model_cfg, params
+        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    return saved_cfg.replace(**overrides), params
 
 
 def _tokenizer(cfg, workdir: str):

@@ -68,6 +68,7 @@ def prompt_dataset(cfg, tok, source=None):
         max_prompt_len=cfg.grpo.max_prompt_len,
         prompt_fn=lambda r: chat.format_prompt(r["question"], mode), seed=cfg.seed,
         num_threads=cfg.data.num_threads,
+        shard_index=0, shard_count=1,  # every host rolls out the same (global) queries
     )
 
 
@@ -161,7 +162,7 @@ def load_rm(cfg, tok, mesh):
         return None
     from qmath_jax.stages.evaluate import RewardScorer
 
-    rm_cfg, rm_params = params_ckpt.load_params(cfg.grpo.rm_checkpoint)
+    rm_cfg, rm_params = params_ckpt.load_params_on(cfg.grpo.rm_checkpoint, mesh)
     return RewardScorer(rm_cfg, rm_params, tok, mesh=mesh)
 
 
@@ -199,9 +200,11 @@ def run(cfg, workdir: str):
     trainer = common.make_trainer(opt_cfg, workdir, model, grpo_loss_fn(model, g), mesh, "grpo")
     state, data_state = trainer.restore_latest()
     reference = common.initial_params(cfg, policy_cfg, trainer.state_shardings.params)
-    from qmath_jax.sandbox import SandboxPool
+    from qmath_jax.sandbox import HostShardedPool, SandboxPool
 
     pool = SandboxPool(size=2) if g.mode == "tir" else None
+    if pool is not None and jax.process_count() > 1:  # hosts split the cells, share results
+        pool = HostShardedPool(pool)
     queries = None
     if g.filter_n:
         init = reference if reference is not None else trainer.init_state().params
@@ -263,8 +266,8 @@ def iteration(cfg, it, state, batch, trainer, policy_cfg, tok, reference, rm, lo
     seqs["advantages"] = adv.reshape(-1).astype(np.float32)
     t1 = time.perf_counter()
     with mesh, parallel.axis_rules():
-        seqs["old_logp"] = np.asarray(logp(state.params, seqs))
-        seqs["ref_logp"] = np.asarray(logp(reference, seqs))
+        seqs["old_logp"] = parallel.fetch(logp(state.params, seqs))
+        seqs["ref_logp"] = parallel.fetch(logp(reference, seqs))
     metrics = []
     order_key = jax.random.fold_in(key, 1)
     n = len(responses)
@@ -272,6 +275,7 @@ def iteration(cfg, it, state, batch, trainer, policy_cfg, tok, reference, rm, lo
         order = np.asarray(jax.random.permutation(jax.random.fold_in(order_key, p), n))
         for start in range(0, n, g.mini_batch):
             idx = order[start : start + g.mini_batch]
+            idx = idx[parallel.host_rows(len(idx))]  # every host holds the whole rollout
             state, m = trainer.step(state, {k: v[idx] for k, v in seqs.items()})
             metrics.append(m)
     metrics = jax.device_get(metrics)

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qmath_jax import fileio
+from qmath_jax import fileio, parallel
 from qmath_jax.data import pipelines, sources
 from qmath_jax.model import Transformer, init_params
+from qmath_jax.model.transformer import param_axes
 from qmath_jax.stages import common
 from qmath_jax.train import checkpoint as params_ckpt
 from qmath_jax.train.rl_losses import listwise_rm_loss
@@ -45,13 +46,16 @@ def rm_loss(model: Transformer):
     return loss_fn
 
 
-def dataset(cfg, tok, source_spec: str, *, shuffle=True, num_epochs=None, drop_remainder=True):
+def dataset(cfg, tok, source_spec: str, *, shuffle=True, num_epochs=None, drop_remainder=True,
+            every_host_all=False):
+    """RM batches; each host reads its own shard, or with `every_host_all` all of them."""
     src = sources.open_source(source_spec, required=("question", "responses", "labels"))
+    shards = {"shard_index": 0, "shard_count": 1} if every_host_all else {}
     return pipelines.rm_dataset(
         src, tok, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
         group_size=cfg.rm.group_size, seed=cfg.seed, shuffle=shuffle, num_epochs=num_epochs,
         too_long=cfg.data.too_long or "drop", num_threads=cfg.data.num_threads,
-        drop_remainder=drop_remainder,
+        drop_remainder=drop_remainder, **shards,
     )
 
 
@@ -69,10 +73,19 @@ def _require_usable_groups(spec: str, group_size: int) -> None:
         "policy, or set synth.reference_positive=True to add reference solutions")
 
 
-def rm_params_from_lm(lm_params, rm_cfg, seed: int = 0):
-    """RM params: the LM's trunk, a freshly initialised score head."""
-    fresh = init_params(rm_cfg, jax.random.key(seed))
-    return {**fresh, **{k: lm_params[k] for k in TRUNK}}
+def rm_params_from_lm(lm_params, rm_cfg, seed: int = 0, mesh=None):
+    """RM params: the LM's trunk, a freshly initialised score head (built on `mesh`, sharded
+    like the RM, when given: no host holds the model)."""
+
+    def build(lm):
+        fresh = init_params(rm_cfg, jax.random.key(seed))
+        return {**fresh, **{k: lm[k] for k in TRUNK}}
+
+    if mesh is None:
+        return build(lm_params)
+    shardings = parallel.logical_to_sharding(param_axes(rm_cfg), mesh)
+    with mesh:
+        return jax.jit(build, out_shardings=shardings)(lm_params)
 
 
 def evaluate(model, params, batches) -> dict:
@@ -86,7 +99,7 @@ def evaluate(model, params, batches) -> dict:
     totals = {"weight": 0.0, "pair_accuracy": 0.0, "top_correct": 0.0, "loss": 0.0,
               "top_correct_chance": 0.0}
     for batch in batches:
-        s = score(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        s = jnp.asarray(parallel.fetch(score(params, batch)))
         loss, aux = listwise_rm_loss(s, jnp.asarray(batch["labels"]))
         for k in ("weight", "pair_accuracy", "top_correct"):
             totals[k] += float(aux[k])
@@ -118,13 +131,14 @@ def run(cfg, workdir: str):
     cfg_no_init = cfg.copy_and_resolve_references()
     with cfg_no_init.unlocked():
         cfg_no_init.init.hf_dir = cfg_no_init.init.checkpoint = ""
-    start = _trunk_from_lm(init, lm_cfg, model_cfg, cfg.seed)
+    start = _trunk_from_lm(init, lm_cfg, model_cfg, cfg.seed, common.mesh(cfg))
     state = common.train(cfg_no_init, workdir, model_cfg, rm_loss, ds, "rm",
                          initial=start)
     if cfg.rm.eval_source:
         model = Transformer(model_cfg)
         held_out = dataset(cfg, tok, cfg.rm.eval_source, shuffle=False, num_epochs=1,
-                           drop_remainder=False)  # every held-out group counts
+                           drop_remainder=False,  # every held-out group counts
+                           every_host_all=True)  # and every host scores the same batches
         report = evaluate(model, state.params, iter(held_out))
         if jax.process_index() == 0:  # one copy in the shared workdir
             fileio.write_text(os.path.join(workdir, "rm_eval.json"),
@@ -133,15 +147,15 @@ def run(cfg, workdir: str):
     return state
 
 
-def _trunk_from_lm(init, lm_cfg, rm_cfg, seed):
+def _trunk_from_lm(init, lm_cfg, rm_cfg, seed, mesh):
     if init.checkpoint:
-        loaded_cfg, lm_params = params_ckpt.load_params(init.checkpoint)
+        loaded_cfg, lm_params = params_ckpt.load_params_on(init.checkpoint, mesh)
     elif init.hf_dir:
         from qmath_jax import hf
 
-        loaded_cfg, lm_params = hf.load(init.hf_dir, dtype=lm_cfg.dtype)
+        loaded_cfg, lm_params = hf.load_on(init.hf_dir, mesh, dtype=lm_cfg.dtype)
     else:
         return None
     if loaded_cfg.head == "rm":
         return lm_params
-    return rm_params_from_lm(lm_params, rm_cfg, seed)
+    return rm_params_from_lm(lm_params, rm_cfg, seed, mesh)

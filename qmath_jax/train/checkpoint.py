@@ -66,13 +66,48 @@ def load_params(directory: str, shardings=None):
     return cfg, trainer.restore_params(directory, cfg, shardings)
 
 
+def load_params_on(directory: str, mesh=None):
+    """(ModelConfig, params) restored straight onto `mesh`, each array sharded by its logical
+    axes, so no host ever holds the whole model (None: whole on this host's first device)."""
+    cfg = read_model_config(fileio.abspath(directory))
+    shardings = None
+    if mesh is not None:
+        from qmath_jax import parallel
+        from qmath_jax.model.transformer import param_axes
+
+        shardings = parallel.logical_to_sharding(param_axes(cfg), mesh)
+    return load_params(directory, shardings)
+
+
 def _restore(path: str, shardings):
-    with ocp.StandardCheckpointer() as ckptr:
-        if shardings is None:
-            return ckptr.restore(path)
-        meta = ckptr.metadata(path)
-        meta_tree = getattr(meta, "item_metadata", meta)
-        meta_tree = getattr(meta_tree, "tree", meta_tree)
-        target = jax.tree.map(
-            lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta_tree, shardings)
-        return ckptr.restore(path, target)
+    return restore_subtree(path, None, shardings)
+
+
+def restore_subtree(path: str, key: str | None, shardings=None):
+    """The arrays of an Orbax tree at `path` (only its `key` subtree when given), placed on
+    `shardings` (default: whole on this host's first device).
+
+    Always restored against a target built from the checkpoint's metadata, so it reads
+    checkpoints written by any number of hosts and devices: a 2-host run's params load in
+    one process, and a train state's optimizer moments are never read.
+    """
+    from etils import epath
+
+    handler = ocp.PyTreeCheckpointHandler()  # reads the tree's own metadata file only
+    try:
+        meta = handler.metadata(epath.Path(path))
+    finally:
+        handler.close()
+    meta = getattr(meta, "tree", meta)
+    meta = meta if key is None else meta[key]
+    if shardings is None:
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: local, meta)
+    leaves = jax.tree.map(
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta, shardings)
+    target = leaves if key is None else {key: leaves}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=key is not None))
+    return restored if key is None else restored[key]

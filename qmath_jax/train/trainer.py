@@ -395,15 +395,13 @@ class Trainer:
 
 
 def restore_params(workdir: str, model_cfg, shardings=None):
-    """The params of the newest train state in a run's workdir."""
+    """The params of the newest train state in a run's workdir (see
+    `checkpoint.restore_subtree`: any writer topology; the optimizer state is not read)."""
+    from qmath_jax.train.checkpoint import restore_subtree
+
     directory = os.path.join(fileio.abspath(workdir), "checkpoints")
     with ocp.CheckpointManager(directory) as manager:
         step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{directory} holds no checkpoint")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
-    params = restored.state["params"]
-    if shardings is not None:
-        params = jax.device_put(params, shardings)
-    return params
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no checkpoint")
+    return restore_subtree(os.path.join(directory, str(step), "state"), "params", shardings)
