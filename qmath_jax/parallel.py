@@ -274,6 +274,15 @@ def allgather_bytes(payload: bytes) -> list[bytes]:
     return [rows[h, : int(n)].tobytes() for h, n in enumerate(sizes)]
 
 
+def barrier(name: str) -> None:
+    """Waits until every host reaches the barrier `name` (no-op on one host): e.g. before
+    other hosts read a file host 0 wrote."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, PartitionSpec())

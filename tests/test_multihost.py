@@ -64,6 +64,9 @@ def grpo_setup(tmp_path_factory):
     tok = common.tokenizer(base("grpo"), str(root / "tok"))
     rm_cfg = get_preset("tiny", head="rm", vocab_size=tok.vocab_size)
     checkpoint.save_params(str(root / "rm"), rm_cfg, init_params(rm_cfg, jax.random.key(7)))
+    policy_cfg = get_preset("tiny", vocab_size=tok.vocab_size)
+    checkpoint.save_params(str(root / "policy"), policy_cfg,
+                           init_params(policy_cfg, jax.random.key(3)))
     return root, str(root / "tok" / "tokenizer.json"), str(root / "rm")
 
 
@@ -142,3 +145,48 @@ def test_two_host_rm_scores_every_held_out_group_on_every_host(grpo_setup):
     assert held_out[0] == held_out[1]
     report = json.load(open(root / "rm_two_hosts" / "rm_eval.json"))
     assert report["groups"] == 5  # all of them, not one host's share
+
+
+def _launch_argv(config: str, workdir, flags: dict) -> list[str]:
+    return [sys.executable, "-m", "qmath_jax.launch", "--config", config,
+            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def test_two_host_eval_writes_the_rows_and_table_of_one_host(grpo_setup):
+    root, tok_path, rm_dir = grpo_setup
+    flags = {
+        "init.checkpoint": root / "policy", "tokenizer.path": tok_path,
+        "eval.rm_checkpoint": rm_dir, "eval.sets": "synthetic", "eval.limit": 4,
+        "eval.modes": "cot,tir", "eval.k": 2, "eval.max_new_tokens": 24,
+        "eval.batch_size": 4, "mesh.num_devices": 2,
+    }
+    one, two = root / "eval_one_host", root / "eval_two_hosts"
+    done = subprocess.run(_launch_argv("eval_tiny", one, flags), env=_env(2),
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    _run_hosts(_launch_argv("eval_tiny", two, flags))
+    rows_one = [json.loads(x) for x in open(one / "samples.jsonl")]
+    rows_two = [json.loads(x) for x in open(two / "samples.jsonl")]
+    assert len(rows_one) == 4 * 2 * (1 + 2)  # problems x modes x (greedy + k): written once
+    key = lambda r: (r["mode"], r["kind"], r["idx"], r["sample"])  # noqa: E731
+    for a, b in zip(sorted(rows_one, key=key), sorted(rows_two, key=key), strict=True):
+        assert a["text"] == b["text"] and a["answer"] == b["answer"]
+        np.testing.assert_allclose(b["rm_score"], a["rm_score"], rtol=1e-5, atol=1e-6)
+    summary = [json.load(open(d / "summary.json"))["results"] for d in (one, two)]
+    assert summary[0] == summary[1]
+
+
+def test_two_host_synth_writes_every_group_once(grpo_setup):
+    root, tok_path, _ = grpo_setup
+    flags = {
+        "stage": "synth", "init.checkpoint": root / "policy", "tokenizer.path": tok_path,
+        "synth.write": "rm", "synth.mode": "tir", "synth.num_problems": 6,
+        "synth.batch_size": 4, "synth.max_new_tokens": 24, "mesh.num_devices": 2,
+        "synth.decontam_synthetic": 0,
+    }
+    workdir = root / "synth_two_hosts"
+    outs = _run_hosts(_launch_argv("sft_tiny", workdir, flags))
+    reports = [next(x for x in out.splitlines() if x.startswith("[synth]")) for out in outs]
+    assert reports[0] == reports[1]
+    groups = [json.loads(x) for x in open(workdir / "synth_rm.jsonl")]
+    assert len(groups) == 6 and all(len(g["responses"]) == 6 for g in groups)

@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from qmath_jax import fileio
+from qmath_jax import fileio, parallel
 from qmath_jax.data import chat
 from qmath_jax.grading import best_of_n, extract_answer, is_equiv, majority_vote
 
@@ -251,7 +251,6 @@ class RewardScorer:
           batch_size: rows per forward pass (rounded up to the data-parallel size).
           mesh: a ('data', 'fsdp', 'tensor') mesh, or None.
         """
-        from qmath_jax import parallel
         from qmath_jax.model import Transformer
         from qmath_jax.model.transformer import param_axes
         from qmath_jax.stages.reward_model import scores_at_last_token
@@ -312,8 +311,6 @@ class RewardScorer:
         segments[len(cut) :, 0, 0] = 1  # padding rows: one dummy token
         batch = {"tokens": tokens, "segment_ids": segments, "positions": positions,
                  "last_index": last}  # fmt: skip
-        from qmath_jax import parallel
-
         if self.mesh is None:
             scores = self._score(self.params, batch)
         else:
@@ -397,7 +394,8 @@ def _check_settings(workdir: str, settings: dict, has_rows: bool) -> None:
                 f"{workdir} holds samples made with other settings {diff} (before, now); "
                 f"use another workdir, or restore those settings to resume ({path})"
             )
-    fileio.write_text(path, json.dumps(settings, indent=2))
+    if jax.process_index() == 0:
+        fileio.write_text(path, json.dumps(settings, indent=2))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -601,9 +599,11 @@ def evaluate(
         if pool is not None:
             return pool
         if not own_pool:
-            from qmath_jax.sandbox import SandboxPool
+            from qmath_jax.sandbox import HostShardedPool, SandboxPool
 
             own_pool.append(SandboxPool(sandbox_workers, timeout_s=tool_timeout_s))
+            if jax.process_count() > 1:  # hosts split the cells, share results
+                own_pool[0] = HostShardedPool(own_pool[0])
         return own_pool[0]
 
     sampling = _Sampling(
@@ -643,8 +643,9 @@ def _resume(path: str, workdir: str, settings: dict, k: int, verbose: bool) -> s
     rows, bad = read_rows(path)
     _check_settings(workdir, settings, has_rows=bool(rows))
     done, dropped = complete_units(rows, k)
-    if bad or dropped:
+    if (bad or dropped) and jax.process_index() == 0:
         _rewrite(path, done)  # drop the torn line and incomplete units before appending
+    parallel.barrier("eval resumed")  # every host has read the rows before any append
     if (rows or bad) and verbose:
         print(
             f"[eval] resuming {path}: {len(done)} complete units kept, "
@@ -672,8 +673,9 @@ def _run_units(name, mode, kind, todo, sampling: _Sampling, rm, batch_size, path
             rows = _grade(name, mode, kind, batch, responses)
             if rm is not None:
                 _score(rm, batch, rows, mode)
-            fileio.append_text(path, "".join(_lines(unit_rows) for unit_rows in rows),
-                               encoding="utf-8")
+            if jax.process_index() == 0:  # every host made the same rows: one writes them
+                fileio.append_text(path, "".join(_lines(unit_rows) for unit_rows in rows),
+                                   encoding="utf-8")
             bar.update(len(batch))
 
 
@@ -702,6 +704,7 @@ def _score(rm: RewardScorer, batch, rows: list[list[Row]], mode: str) -> None:
 
 
 def _write_summary(path, workdir, problems, modes, k, settings, verbose) -> dict:
+    parallel.barrier("eval rows written")  # host 0 appended the last rows
     rows, _ = read_rows(path)
     wanted = {(name, p["idx"]) for name, probs in problems.items() for p in probs}
     rows = [r for r in rows if (r["set"], r["idx"]) in wanted and r["mode"] in modes]
@@ -709,7 +712,9 @@ def _write_summary(path, workdir, problems, modes, k, settings, verbose) -> dict
     mean = mean_over_sets(results, k)
     summary = {"k": k, "metrics": metric_names(k), "results": results, "mean": mean,
                "rows": len(rows), "settings": settings}  # fmt: skip
-    fileio.write_text_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        fileio.write_text_atomic(os.path.join(workdir, SUMMARY_FILE),
+                                 json.dumps(summary, indent=2))
     if verbose:
         print(format_table(results, k, mean if len(results) > 1 else None))
     return summary

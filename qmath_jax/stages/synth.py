@@ -24,7 +24,7 @@ import os
 import jax
 import numpy as np
 
-from qmath_jax import fileio, grading
+from qmath_jax import fileio, grading, parallel
 from qmath_jax.data import chat, decontam, sources
 from qmath_jax.sampling import sampler, tir
 from qmath_jax.stages import common
@@ -109,9 +109,11 @@ def synthesize(cfg, policy_cfg, params, tok, problems: list[dict], out_path: str
     """Writes SFT (or RM) records for `problems` to out_path; returns the report."""
     s = cfg.synth
     group = cfg.rm.group_size if s.write == "rm" else s.n
-    from qmath_jax.sandbox import SandboxPool
+    from qmath_jax.sandbox import HostShardedPool, SandboxPool
 
     pool = SandboxPool(size=2) if s.mode == "tir" else None
+    if pool is not None and jax.process_count() > 1:  # hosts split the cells, share results
+        pool = HostShardedPool(pool)
     records, stats = [], {"problems": len(problems), "kept_problems": 0, "paths": 0,
                           "verified_paths": 0}
     try:
@@ -128,11 +130,13 @@ def synthesize(cfg, policy_cfg, params, tok, problems: list[dict], out_path: str
         if pool is not None:
             pool.close()
     kept, removed = decontam.decontaminate(records, decontam_sets(cfg), text_field="question")
-    _write_jsonl(out_path, kept)
-    _write_jsonl(out_path + ".removed.jsonl", removed)
     report = {**stats, "records": len(records), "written": len(kept),
               "decontaminated": len(removed), "out": out_path}
-    fileio.write_text(out_path + ".report.json", json.dumps(report, indent=2))
+    if jax.process_index() == 0:  # every host made the same records: one writes them
+        _write_jsonl(out_path, kept)
+        _write_jsonl(out_path + ".removed.jsonl", removed)
+        fileio.write_text(out_path + ".report.json", json.dumps(report, indent=2))
+    parallel.barrier("synth written")  # later stages on other hosts read the file
     return report
 
 
@@ -164,13 +168,13 @@ def _write_jsonl(path: str, rows) -> None:
     fileio.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _load_rm(cfg, tok):
+def _load_rm(cfg, tok, mesh=None):
     if not cfg.synth.rm_checkpoint:
         return None
     from qmath_jax.stages.evaluate import RewardScorer
 
-    rm_cfg, rm_params = params_ckpt.load_params(cfg.synth.rm_checkpoint)
-    return RewardScorer(rm_cfg, rm_params, tok)
+    rm_cfg, rm_params = params_ckpt.load_params_on(cfg.synth.rm_checkpoint, mesh)
+    return RewardScorer(rm_cfg, rm_params, tok, mesh=mesh)
 
 
 def run(cfg, workdir: str):
@@ -180,20 +184,21 @@ def run(cfg, workdir: str):
     if cfg.synth.rounds > 1:
         return rejection_finetune(cfg, workdir)
     tok = common.tokenizer(cfg, workdir)
-    policy_cfg, params = _policy(cfg)
+    mesh = common.mesh(cfg)  # the policy and the RM sharded over all devices of all hosts
+    policy_cfg, params = _policy(cfg, mesh)
     out = cfg.synth.out or os.path.join(workdir, f"synth_{cfg.synth.write}.jsonl")
     report = synthesize(cfg, policy_cfg, params, tok, load_problems(cfg), out,
-                        rm=_load_rm(cfg, tok))
+                        rm=_load_rm(cfg, tok, mesh), mesh=mesh)
     print(f"[synth] {json.dumps(report)}")
     return report
 
 
-def _policy(cfg):
+def _policy(cfg, mesh=None):
     if cfg.init.checkpoint:
-        return params_ckpt.load_params(cfg.init.checkpoint)
+        return params_ckpt.load_params_on(cfg.init.checkpoint, mesh)
     from qmath_jax import hf
 
-    return hf.load(cfg.init.hf_dir)
+    return hf.load_on(cfg.init.hf_dir, mesh)
 
 
 def rejection_finetune(cfg, workdir: str) -> list[dict]:
