@@ -991,10 +991,12 @@ def _concurrent_calls(mesh, max_batch: int | None, rows: int) -> int:
     concurrent calls overlaps them: 6.1 -> 4.9 ms per step at batch 64 on two cores
     (four calls shrank the matrix products and were slower there). Only when the caller
     left the batch whole (max_batch=None: two half calls hold the same cache memory as
-    one), without a mesh (a mesh already places rows on devices), on a CPU backend.
+    one), without a mesh of several devices (that places rows on devices already), on a
+    CPU backend.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if mesh is not None or max_batch is not None or jax.default_backend() != "cpu":
+    several = mesh is not None and mesh.devices.size > 1
+    if several or max_batch is not None or jax.default_backend() != "cpu":
         return 1
     return max(1, min(CPU_CALLS, cores or 1, rows // MIN_CALL_ROWS))
 
