@@ -50,7 +50,7 @@ def ours(cfg, tokens):
     holder = {"state": state}
 
     def run():
-        with mesh, parallel.axis_rules():
+        with jax.set_mesh(mesh), parallel.axis_rules():
             holder["state"], metrics = built.step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 

@@ -375,7 +375,7 @@ def compile_target(target: Target, mesh, hbm_bytes: float) -> dict:
     from qmath_jax import parallel
 
     t0 = time.perf_counter()
-    with mesh, parallel.axis_rules():
+    with jax.set_mesh(mesh), parallel.axis_rules():
         lowered = target.fn.lower(*target.args)
     t1 = time.perf_counter()
     report = {"target": target.name, "lower_s": round(t1 - t0, 2)}

@@ -152,7 +152,7 @@ def sharded_init(init_fn: Callable[[], object], mesh: Mesh, rules=RULES):
     abstract = jax.eval_shape(init_fn)
     specs = nn.get_partition_spec(abstract)
     shardings = logical_to_sharding(specs, mesh, rules)
-    with mesh, axis_rules(rules):
+    with jax.set_mesh(mesh), axis_rules(rules):
         tree = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
     return tree, shardings
 

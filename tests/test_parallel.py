@@ -91,7 +91,7 @@ def _train(mesh, grad_accum: int):
     losses = []
     for batch in _batches(cfg.vocab_size):
         parallel.check_batch(BATCH, mesh, grad_accum)
-        with mesh, parallel.axis_rules():
+        with jax.set_mesh(mesh), parallel.axis_rules():
             state, metrics = built.step(state, parallel.shard_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
     return state, losses

@@ -314,7 +314,7 @@ class RewardScorer:
         if self.mesh is None:
             scores = self._score(self.params, batch)
         else:
-            with self.mesh, parallel.axis_rules():
+            with jax.set_mesh(self.mesh), parallel.axis_rules():
                 scores = self._score(self.params, batch)
         return [float(x) for x in parallel.fetch(scores)[: len(cut), 0]]
 

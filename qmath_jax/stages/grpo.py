@@ -265,7 +265,7 @@ def iteration(cfg, it, state, batch, trainer, policy_cfg, tok, reference, rm, lo
     seqs = pack_sequences(prompts_rep, responses, masks, seq_len, tok.pad_id)
     seqs["advantages"] = adv.reshape(-1).astype(np.float32)
     t1 = time.perf_counter()
-    with mesh, parallel.axis_rules():
+    with jax.set_mesh(mesh), parallel.axis_rules():
         seqs["old_logp"] = parallel.fetch(logp(state.params, seqs))
         seqs["ref_logp"] = parallel.fetch(logp(reference, seqs))
     metrics = []

@@ -84,7 +84,7 @@ def rm_params_from_lm(lm_params, rm_cfg, seed: int = 0, mesh=None):
     if mesh is None:
         return build(lm_params)
     shardings = parallel.logical_to_sharding(param_axes(rm_cfg), mesh)
-    with mesh:
+    with jax.set_mesh(mesh):
         return jax.jit(build, out_shardings=shardings)(lm_params)
 
 

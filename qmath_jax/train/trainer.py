@@ -132,7 +132,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
     weight = jnp.maximum(aux["weight"], 1e-9)
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss = total / weight
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -182,7 +182,7 @@ class BuiltStep:
 
     Attributes:
       step: jitted `(state, batch) -> (state, metrics)`, state donated; call (or
-        `.lower`) it under `with mesh, parallel.axis_rules()`.
+        `.lower`) it under `with jax.set_mesh(mesh), parallel.axis_rules()`.
       state_shardings: NamedSharding pytree of the TrainState.
       abstract_state: ShapeDtypeStructs of the TrainState with those shardings.
       optimizer: the optax transformation the step applies.
@@ -287,7 +287,7 @@ class Trainer:
         params = jax.device_put(params, self.state_shardings.params)
         init_rest = jax.jit(lambda p: nn.meta.unbox(self._boxed_state(lambda: p)),
                             out_shardings=self.state_shardings)
-        with self.mesh:
+        with jax.set_mesh(self.mesh):
             return init_rest(params)
 
     def abstract_state(self):
@@ -331,7 +331,7 @@ class Trainer:
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One jitted update; `batch` holds this host's rows (numpy)."""
-        with self.mesh, parallel.axis_rules():
+        with jax.set_mesh(self.mesh), parallel.axis_rules():
             return self._step(state, parallel.shard_batch(batch, self.mesh))
 
     def fit(self, state: TrainState, batches, num_steps: int, tokens_key: str = "loss_mask"):
