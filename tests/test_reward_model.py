@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from qmath_jax.data.synthetic import SyntheticMath
 from qmath_jax.model import Transformer, get_preset, init_params
@@ -60,3 +61,18 @@ def test_held_out_report_with_no_mixed_group_says_so():
                                    [batch])
     assert report == {"pair_accuracy": None, "top_correct": None, "loss": None,
                       "top_correct_chance": None, "groups": 0}
+
+
+def test_rm_from_an_lm_of_another_size_names_the_mismatch(tmp_path):
+    from qmath_jax.train import checkpoint
+
+    train = tmp_path / "rm_train.jsonl"
+    _groups(train, 8, "train")
+    lm_cfg = get_preset("tiny", vocab_size=640)  # the tokenizer below has 512 ids
+    checkpoint.save_params(str(tmp_path / "lm"), lm_cfg, init_params(lm_cfg, jax.random.key(0)))
+    cfg = base("rm")
+    cfg.data.sources = str(train)
+    cfg.mesh.num_devices = 1
+    cfg.init.checkpoint = str(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"'vocab_size': \(640, 512\)"):
+        reward_model.run(cfg, str(tmp_path / "run"))

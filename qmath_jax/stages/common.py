@@ -80,7 +80,7 @@ def initial_params(cfg, model_cfg: ModelConfig, shardings):
         loaded_cfg, params = params_ckpt.load_params(cfg.init.checkpoint, shardings)
     else:
         return None
-    _check_same_shapes(loaded_cfg, model_cfg, cfg)
+    check_same_shapes(loaded_cfg, model_cfg, cfg)
     return params
 
 
@@ -91,7 +91,7 @@ def _load_hf(hf_dir, model_cfg, shardings):
                    param_dtype=model_cfg.param_dtype)
 
 
-def _check_same_shapes(loaded: ModelConfig, want: ModelConfig, cfg) -> None:
+def check_same_shapes(loaded: ModelConfig, want: ModelConfig, cfg) -> None:
     keys = ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads", "num_kv_heads",
             "head_dim", "tie_embeddings")
     diff = {k: (getattr(loaded, k), getattr(want, k)) for k in keys

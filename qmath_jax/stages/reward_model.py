@@ -127,11 +127,10 @@ def run(cfg, workdir: str):
                          "(the synth stage's RM output: --config.synth.write=rm)")
     _require_usable_groups(cfg.data.sources, cfg.rm.group_size)
     ds = dataset(cfg, tok, cfg.data.sources)
-    init = cfg.init
     cfg_no_init = cfg.copy_and_resolve_references()
     with cfg_no_init.unlocked():
         cfg_no_init.init.hf_dir = cfg_no_init.init.checkpoint = ""
-    start = _trunk_from_lm(init, lm_cfg, model_cfg, cfg.seed, common.mesh(cfg))
+    start = _trunk_from_lm(cfg, lm_cfg, model_cfg, common.mesh(cfg))
     state = common.train(cfg_no_init, workdir, model_cfg, rm_loss, ds, "rm",
                          initial=start)
     if cfg.rm.eval_source:
@@ -147,7 +146,8 @@ def run(cfg, workdir: str):
     return state
 
 
-def _trunk_from_lm(init, lm_cfg, rm_cfg, seed, mesh):
+def _trunk_from_lm(cfg, lm_cfg, rm_cfg, mesh):
+    init = cfg.init
     if init.checkpoint:
         loaded_cfg, lm_params = params_ckpt.load_params_on(init.checkpoint, mesh)
     elif init.hf_dir:
@@ -156,6 +156,7 @@ def _trunk_from_lm(init, lm_cfg, rm_cfg, seed, mesh):
         loaded_cfg, lm_params = hf.load_on(init.hf_dir, mesh, dtype=lm_cfg.dtype)
     else:
         return None
+    common.check_same_shapes(loaded_cfg, lm_cfg, cfg)  # before any array is combined
     if loaded_cfg.head == "rm":
         return lm_params
-    return rm_params_from_lm(lm_params, rm_cfg, seed, mesh)
+    return rm_params_from_lm(lm_params, rm_cfg, cfg.seed, mesh)
