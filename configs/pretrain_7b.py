@@ -12,7 +12,7 @@ sharded (FSDP) over the 16 chips of a v5p-32, full rematerialisation, 16 micro-b
   python -m qmath_jax.launch --config pretrain_7b --compile_only   # any host, libtpu
 
 init.hf_dir (weights and tokenizer.json) and data.sources (records with a `text` field) are
-placeholders: name your own files (the /path/to/ defaults exist nowhere).
+examples: name your own files (the /path/to/ defaults exist nowhere).
 
 Expected (--compile_only on a 2-core CPU host): compiles in 2-5 minutes and fits in
 the 95 GiB HBM per v5p chip with over 10% spare, exit code 0.

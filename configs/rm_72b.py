@@ -15,7 +15,7 @@ rematerialisation, one batch (6 responses per chip).
 
 init.checkpoint (our SFT run; init.hf_dir takes an HF model instead) and data.sources
 ({question, responses: [6], labels: [6]} records, the synth stage's RM output) are
-placeholders: name your own files (the /path/to/ defaults exist nowhere).
+examples: name your own files (the /path/to/ defaults exist nowhere).
 
 Expected (--compile_only on a 2-core CPU host): compiles in about 5 minutes and fits: about
 73 GiB of the 95 GiB HBM per v5p chip (23% spare), exit code 0.

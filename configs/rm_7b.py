@@ -15,7 +15,7 @@ fully sharded (FSDP) over the 16 chips of a v5p-32, full rematerialisation, 2 mi
 
 init.checkpoint (our SFT run; init.hf_dir takes an HF model instead) and data.sources
 ({question, responses: [6], labels: [6]} records, the synth stage's RM output) are
-placeholders: name your own files (the /path/to/ defaults exist nowhere).
+examples: name your own files (the /path/to/ defaults exist nowhere).
 
 Expected (--compile_only on a 2-core CPU host): compiles in 2-5 minutes and fits in
 the 95 GiB HBM per v5p chip with over 10% spare, exit code 0.

@@ -333,17 +333,9 @@ def _get_path(tree: dict, path: tuple[str, ...]):
 def load_on(hf_dir: str, mesh=None, **config_overrides):
     """`load` with every tensor read straight into its shard of `mesh` (by the logical axes of
     the checkpoint's own architecture; None: unsharded)."""
-    if mesh is None:
-        return load(hf_dir, None, **config_overrides)
     from qmath_jax import parallel
-    from qmath_jax.model.transformer import param_axes
 
-    cfg_path = os.path.join(hf_dir, "config.json")
-    if not fileio.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: an HF checkpoint needs its config.json")
-    with fileio.open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), **config_overrides)
-    return load(hf_dir, parallel.logical_to_sharding(param_axes(cfg), mesh), **config_overrides)
+    return load(hf_dir, parallel.param_shardings_on(mesh), **config_overrides)
 
 
 def load(hf_dir: str, shardings=None, **config_overrides):
@@ -352,8 +344,9 @@ def load(hf_dir: str, shardings=None, **config_overrides):
     Args:
       hf_dir: a directory with `config.json` and safetensors (sharded with an index, or one
         `model.safetensors`); a bucket's is downloaded to a temporary directory first.
-      shardings: optional pytree of `jax.sharding.Sharding` matching the params; each
-        tensor is then read per device shard straight into place.
+      shardings: optional pytree of `jax.sharding.Sharding` matching the params (or a
+        function of the checkpoint's ModelConfig giving it); each tensor is then read per
+        device shard straight into place.
       **config_overrides: ModelConfig fields to change, e.g. dtype="float32" (compute) or
         param_dtype="bfloat16" (storage of the loaded params; float32 by default).
 
@@ -366,6 +359,8 @@ def load(hf_dir: str, shardings=None, **config_overrides):
     hf_dir = fileio.fetch(hf_dir)  # a bucket's checkpoint, downloaded to be memory-mapped
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = config_from_hf(json.load(f), **config_overrides)
+    if callable(shardings):
+        shardings = shardings(cfg)
     dtype = _np_dtype(cfg.param_dtype)
     reader = _HFReader(hf_dir)
     table = _tensor_table(cfg)

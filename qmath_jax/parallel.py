@@ -243,6 +243,20 @@ def shard_batch(local_batch, mesh: Mesh):
     return jax.tree.map(put, local_batch)
 
 
+def param_shardings_on(mesh: Mesh | None):
+    """ModelConfig -> its params' shardings on `mesh` by their logical axes (None for no
+    mesh): what the checkpoint loaders take to read each array straight into its shards."""
+    if mesh is None:
+        return None
+
+    def shardings(model_cfg):
+        from qmath_jax.model.transformer import param_axes
+
+        return logical_to_sharding(param_axes(model_cfg), mesh)
+
+    return shardings
+
+
 def fetch(tree):
     """Device arrays -> numpy on this host, whole, also when they span other hosts' devices.
 

@@ -70,15 +70,18 @@ def grpo_setup(tmp_path_factory):
     return root, str(root / "tok" / "tokenizer.json"), str(root / "rm")
 
 
+def _launch_argv(config: str, workdir, flags: dict) -> list[str]:
+    return [sys.executable, "-m", "qmath_jax.launch", "--config", config,
+            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
 def _grpo_argv(workdir, tok_path, rm_dir) -> list[str]:
-    flags = {
+    return _launch_argv("grpo_tiny", workdir, {
         "tokenizer.path": tok_path, "grpo.rm_checkpoint": rm_dir,  # random RM: updates happen
         "mesh.num_devices": 2, "train.steps": 2, "train.lr": 1e-3,
         "train.checkpoint_every_steps": 1, "grpo.group_size": 4, "grpo.prompts_per_step": 2,
         "grpo.mini_batch": 4, "grpo.max_new_tokens": 16,
-    }
-    return [sys.executable, "-m", "qmath_jax.launch", "--config", "grpo_tiny",
-            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in flags.items()]
+    })
 
 
 def _iterations(workdir) -> dict:
@@ -137,19 +140,11 @@ def test_two_host_rm_scores_every_held_out_group_on_every_host(grpo_setup):
         "train.batch_size": 2, "train.grad_accum": 1, "train.seq_len": 160,
         "train.warmup_steps": 0,
     }
-    argv = [sys.executable, "-m", "qmath_jax.launch", "--config", "rm_7b",
-            "--workdir", str(root / "rm_two_hosts")] + [f"--config.{k}={v}"
-                                                         for k, v in flags.items()]
-    outs = _run_hosts(argv)
+    outs = _run_hosts(_launch_argv("rm_7b", root / "rm_two_hosts", flags))
     held_out = [next(x for x in out.splitlines() if x.startswith("[rm] held-out")) for out in outs]
     assert held_out[0] == held_out[1]
     report = json.load(open(root / "rm_two_hosts" / "rm_eval.json"))
     assert report["groups"] == 5  # all of them, not one host's share
-
-
-def _launch_argv(config: str, workdir, flags: dict) -> list[str]:
-    return [sys.executable, "-m", "qmath_jax.launch", "--config", config,
-            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in flags.items()]
 
 
 def test_two_host_eval_writes_the_rows_and_table_of_one_host(grpo_setup):

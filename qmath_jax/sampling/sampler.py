@@ -822,13 +822,6 @@ def _batch_bucket(x: int, multiple: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _param_shardings(cfg, mesh):
-    from qmath_jax import parallel
-    from qmath_jax.model.transformer import param_axes
-
-    return parallel.logical_to_sharding(param_axes(cfg), mesh)
-
-
 def _check_sampling(temperature: float, top_p: float, top_k: int) -> None:
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
@@ -932,7 +925,7 @@ def generate(
         from qmath_jax import parallel
 
         multiple = parallel.data_parallel_size(mesh)
-        params = jax.device_put(params, _param_shardings(model_cfg, mesh))
+        params = jax.device_put(params, parallel.param_shardings_on(mesh)(model_cfg))
     stops = tuple(jnp.asarray(x) for x in _stop_arrays(tokenizer, stop_token_ids, stop_strings))
     buf_len = _bucket(max_new_tokens)
     blocks = _uses_blocks(model_cfg, mesh)

@@ -12,6 +12,7 @@ from qmath_jax.sandbox.pool import (
     SandboxError,
     SandboxPool,
     SandboxResult,
+    across_hosts,
     default_pool,
     run,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "SandboxError",
     "SandboxPool",
     "SandboxResult",
+    "across_hosts",
     "default_pool",
     "run",
 ]

@@ -469,6 +469,13 @@ class HostShardedPool:
         self.pool.close()
 
 
+def across_hosts(pool: SandboxPool) -> SandboxPool | HostShardedPool:
+    """`pool` itself on one host; on several, a HostShardedPool around it."""
+    import jax
+
+    return HostShardedPool(pool) if jax.process_count() > 1 else pool
+
+
 def _check_limits(timeout_s: float, memory_mb: int) -> None:
     if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 3600:
         raise ValueError(f"timeout_s must be a number in (0, 3600] seconds, got {timeout_s!r}")

@@ -599,11 +599,10 @@ def evaluate(
         if pool is not None:
             return pool
         if not own_pool:
-            from qmath_jax.sandbox import HostShardedPool, SandboxPool
+            from qmath_jax.sandbox import SandboxPool, across_hosts
 
-            own_pool.append(SandboxPool(sandbox_workers, timeout_s=tool_timeout_s))
-            if jax.process_count() > 1:  # hosts split the cells, share results
-                own_pool[0] = HostShardedPool(own_pool[0])
+            own_pool.append(across_hosts(SandboxPool(sandbox_workers,
+                                                     timeout_s=tool_timeout_s)))
         return own_pool[0]
 
     sampling = _Sampling(

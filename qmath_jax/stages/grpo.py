@@ -200,11 +200,9 @@ def run(cfg, workdir: str):
     trainer = common.make_trainer(opt_cfg, workdir, model, grpo_loss_fn(model, g), mesh, "grpo")
     state, data_state = trainer.restore_latest()
     reference = common.initial_params(cfg, policy_cfg, trainer.state_shardings.params)
-    from qmath_jax.sandbox import HostShardedPool, SandboxPool
+    from qmath_jax.sandbox import SandboxPool, across_hosts
 
-    pool = SandboxPool(size=2) if g.mode == "tir" else None
-    if pool is not None and jax.process_count() > 1:  # hosts split the cells, share results
-        pool = HostShardedPool(pool)
+    pool = across_hosts(SandboxPool(size=2)) if g.mode == "tir" else None
     queries = None
     if g.filter_n:
         init = reference if reference is not None else trainer.init_state().params

@@ -21,7 +21,6 @@ import numpy as np
 from qmath_jax import fileio, parallel
 from qmath_jax.data import pipelines, sources
 from qmath_jax.model import Transformer, init_params
-from qmath_jax.model.transformer import param_axes
 from qmath_jax.stages import common
 from qmath_jax.train import checkpoint as params_ckpt
 from qmath_jax.train.rl_losses import listwise_rm_loss
@@ -83,7 +82,7 @@ def rm_params_from_lm(lm_params, rm_cfg, seed: int = 0, mesh=None):
 
     if mesh is None:
         return build(lm_params)
-    shardings = parallel.logical_to_sharding(param_axes(rm_cfg), mesh)
+    shardings = parallel.param_shardings_on(mesh)(rm_cfg)
     with jax.set_mesh(mesh):
         return jax.jit(build, out_shardings=shardings)(lm_params)
 

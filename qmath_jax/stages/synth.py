@@ -109,11 +109,9 @@ def synthesize(cfg, policy_cfg, params, tok, problems: list[dict], out_path: str
     """Writes SFT (or RM) records for `problems` to out_path; returns the report."""
     s = cfg.synth
     group = cfg.rm.group_size if s.write == "rm" else s.n
-    from qmath_jax.sandbox import HostShardedPool, SandboxPool
+    from qmath_jax.sandbox import SandboxPool, across_hosts
 
-    pool = SandboxPool(size=2) if s.mode == "tir" else None
-    if pool is not None and jax.process_count() > 1:  # hosts split the cells, share results
-        pool = HostShardedPool(pool)
+    pool = across_hosts(SandboxPool(size=2)) if s.mode == "tir" else None
     records, stats = [], {"problems": len(problems), "kept_problems": 0, "paths": 0,
                           "verified_paths": 0}
     try:

@@ -55,9 +55,12 @@ def read_model_config(directory: str) -> ModelConfig:
 
 
 def load_params(directory: str, shardings=None):
-    """Returns (ModelConfig, params) from a params checkpoint or a run's workdir."""
+    """Returns (ModelConfig, params) from a params checkpoint or a run's workdir; `shardings`
+    is a pytree matching the params or a function of the ModelConfig giving one."""
     directory = fileio.abspath(directory)
     cfg = read_model_config(directory)
+    if callable(shardings):
+        shardings = shardings(cfg)
     params_dir = os.path.join(directory, "params")
     if fileio.isdir(params_dir):
         return cfg, _restore(params_dir, shardings)
@@ -69,14 +72,9 @@ def load_params(directory: str, shardings=None):
 def load_params_on(directory: str, mesh=None):
     """(ModelConfig, params) restored straight onto `mesh`, each array sharded by its logical
     axes, so no host ever holds the whole model (None: whole on this host's first device)."""
-    cfg = read_model_config(fileio.abspath(directory))
-    shardings = None
-    if mesh is not None:
-        from qmath_jax import parallel
-        from qmath_jax.model.transformer import param_axes
+    from qmath_jax import parallel
 
-        shardings = parallel.logical_to_sharding(param_axes(cfg), mesh)
-    return load_params(directory, shardings)
+    return load_params(directory, parallel.param_shardings_on(mesh))
 
 
 def _restore(path: str, shardings):
