@@ -185,3 +185,4 @@ def test_two_host_synth_writes_every_group_once(grpo_setup):
     assert reports[0] == reports[1]
     groups = [json.loads(x) for x in open(workdir / "synth_rm.jsonl")]
     assert len(groups) == 6 and all(len(g["responses"]) == 6 for g in groups)
+    assert all(g["mode"] == "tir" for g in groups)  # the RM renders them as sampled

@@ -337,6 +337,21 @@ def test_rm_resume_is_exact():
     _resume_check(make, 12, 5)
 
 
+def test_rm_groups_render_each_record_in_its_sampling_mode():
+    """A TIR group is rendered under the TIR system prompt (as the RM scores it later in
+    GRPO, synth and eval), a record without `mode` under the CoT one."""
+    from qmath_jax.data.chat import COT_SYSTEM, TIR_SYSTEM
+
+    recs = [dict(r, mode=m) for r, m in zip(_rm_records()[:2], ("tir", None))]
+    del recs[1]["mode"]
+    ds = P.rm_dataset(recs, TOK, seq_len=400, batch_size=2, num_epochs=1, shuffle=False,
+                      **ONE_SHARD)
+    (batch,) = list(ds)
+    text = [bytes(row[row < 256].tolist()).decode() for row in batch["tokens"][:, 0]]
+    assert TIR_SYSTEM in text[0] and COT_SYSTEM not in text[0]
+    assert COT_SYSTEM in text[1] and TIR_SYSTEM not in text[1]
+
+
 def test_rl_batches():
     recs = [{"question": "q" * (i + 1), "answer": str(i), "idx": i} for i in range(6)]
     recs.append({"question": "q" * 50, "answer": "long", "idx": 99})

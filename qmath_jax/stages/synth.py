@@ -150,8 +150,10 @@ def _records_for(prob, texts, s, rm, stats):
             texts, labels = texts[:-1] + [prob["solution"]], labels[:-1] + [1]
             stats["reference_positives"] = stats.get("reference_positives", 0) + 1
         stats["kept_problems"] += int(0 < sum(labels) < len(labels))
+        # `mode` renders the group as it was sampled (the system prompt of its mode), as
+        # the RM will score it in GRPO, synth and eval
         return [{"question": prob["question"], "responses": texts, "labels": labels,
-                 "answer": gold}]
+                 "answer": gold, "mode": s.mode}]
     scores = (rm.score([prob["question"]] * len(texts), texts, [s.mode] * len(texts))
               if rm is not None else None)
     chosen, agreed = select(prob["question"], gold, texts, scores, keep=s.keep)
