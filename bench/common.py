@@ -28,7 +28,6 @@ def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
 def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> float:
     """FLOP/s of one large jitted square matmul: the machine's practical peak for XLA."""
     import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)

@@ -18,7 +18,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import common  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qmath_jax import hf, parallel  # noqa: E402
