@@ -14,11 +14,7 @@ params.
       --config.data.sources=/data/rl_queries.jsonl
   python -m qmath_jax.launch --config grpo_7b --compile_only        # any host, libtpu
 
-init.checkpoint (the SFT model), grpo.rm_checkpoint (the RM run) and data.sources
-({question, answer} queries) name your own files (the /path/to/ defaults exist nowhere).
-Before the first episode the report's query filter samples 8 answers to each query with
-the SFT policy and keeps those with 2 to 5 correct (workdir/queries.jsonl, with counts in
-workdir/query_filter.json); pass --config.grpo.filter_n=0 for queries filtered already.
+The files to name and the report's query filter (2 to 5 of 8 correct) are as in grpo_72b.
 
 Expected (--compile_only on a 2-core CPU host): four programs (policy update, reference
 log-probs, RM scoring, one rollout decode step over the episode's KV cache) compile in

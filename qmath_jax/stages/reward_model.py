@@ -1,7 +1,8 @@
 """Reward model: the SFT model with the Qwen2.5-Math-RM head, listwise ranking loss.
 
 Data: JSONL (or any source) records {"question", "responses": [6 str], "labels": [6 0/1]}
-as the synth stage's RM variant writes them; groups all correct or all wrong are dropped
+and optionally "mode" (cot / tir: the system prompt the group is rendered under, as the RM
+scores it later; default cot), as the synth stage's RM variant writes them; groups all correct or all wrong are dropped
 and counted. The score of a response is the RM head at its last token.
 
 init.checkpoint / init.hf_dir name the SFT model: its trunk is copied, the head starts

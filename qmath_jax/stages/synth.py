@@ -5,7 +5,7 @@ answer the grader verifies against the gold, or, where a problem has no gold, th
 agree with the reward-weighted majority answer; write the RM-best kept path (or all
 kept paths with synth.keep=all) as SFT records {question, response, mode, answer}.
 synth.write=rm writes reward-model groups instead: `rm.group_size` sampled responses per
-question with grader labels {question, responses, labels}.
+question with grader labels {question, responses, labels, mode}.
 
 Everything written is decontaminated first (13-gram + LCS > 0.6) against the synthetic
 test split and the benchmark sets named in synth.decontam_sets; the removed records and
