@@ -36,6 +36,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
         "text_field": "text",
         "synthetic_kinds": "",  # comma list; empty = all kinds
         "synthetic_digits": "",  # e.g. "big_mul=4,add=3"
+        "synthetic_tir_by_hand": 0.0,  # share of TIR solutions written without Python
         "tir_fraction": 0.5,  # SFT: share of TIR examples in the synthetic mix
         "too_long": "",  # stage default when empty
         "num_threads": 2,

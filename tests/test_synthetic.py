@@ -261,3 +261,37 @@ def test_bad_arguments_are_refused():
         problem(0, 0, digits={"add": 0})
     with pytest.raises(IndexError):
         SyntheticMath(num_records=5)[5]
+    with pytest.raises(ValueError, match="tir_by_hand = 1.5"):
+        SyntheticMath(tir_by_hand=1.5)
+
+
+def test_by_hand_tir_share_keeps_questions_and_writes_true_equations():
+    kinds = ["add", "sub", "mul", "big_mul", "linear"]
+    plain = SyntheticMath(seed=5, kinds=kinds)
+    mixed = SyntheticMath(seed=5, kinds=kinds, tir_by_hand=0.4)
+    n = 600
+    by_hand = {k: 0 for k in kinds}
+    for i in range(n):
+        a, b = plain[i], mixed[i]
+        assert {k: v for k, v in a.items() if k != "tir"} == {
+            k: v for k, v in b.items() if k != "tir"
+        }
+        assert boxed(b["tir"]) == b["answer"] and "```python" in a["tir"]
+        if "```python" in b["tir"]:
+            assert b["tir"] == a["tir"]  # the same draw of wording and program
+        else:
+            by_hand[b["kind"]] += 1
+            assert check_equations(b["tir"]) == 1, b["tir"]
+    share = sum(by_hand.values()) / (n * 4 / len(kinds))
+    assert 0.33 < share < 0.47, by_hand  # 480 arithmetic problems at 0.4: sd 0.022
+    assert by_hand["linear"] == 0  # kinds without a by-hand equation always call Python
+    assert all(by_hand[k] > 0 for k in ("add", "sub", "mul", "big_mul"))
+
+
+def test_tir_wording_varies_but_not_its_output_block(samples):
+    adds = [s for s in samples if s["kind"] == "add"]
+    openings = {s["tir"].split("\n", 1)[0] for s in adds}
+    closings = {s["tir"].rsplit("\n", 1)[1].split("$")[0] for s in adds}
+    assert len(openings) == 3 and len(closings) == 4, (openings, closings)
+    for s in adds:
+        assert f"```output\n{s['answer']}\n```" in s["tir"]

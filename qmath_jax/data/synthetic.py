@@ -4,7 +4,16 @@ Problems are generated procedurally with exact gold answers. Each has a chain-of
 (CoT) solution whose every written equation holds (long multiplication by partial products,
 place-by-place addition, ...) and a tool-integrated (TIR) solution in the Qwen2.5-Math
 format: reasoning, a ```python block, a ```output block holding exactly what that code
-prints, and a closing sentence with the boxed answer.
+prints, and a closing sentence with the boxed answer. The TIR text varies its wording, its
+program and its closing sentence from problem to problem (`_tir_text`).
+
+By-hand TIR answers (`tir_by_hand`): for the arithmetic kinds, that share of the TIR
+solutions does not call Python but writes the result by hand ("$a + b = c$"). Every one
+is right, as written data; a small model cannot reproduce them, though, so its sampled TIR
+answers branch at the first sentence into a path that is mostly wrong and several code
+paths that are mostly right. That is the shape in which majority voting beats greedy
+decoding (greedy takes the single likeliest opening) and in which RL and rejection
+fine-tuning move the model onto the tool.
 
 Determinism and splits: `problem(seed, index, split)` is a pure function of its arguments.
 Whether a question belongs to the train or the test split is decided by a hash of the
@@ -43,6 +52,8 @@ class _Draft:
     tir_intro: str
     code: str
     output: str  # exactly what `code` prints, trailing newline included
+    more_tir: tuple[tuple[str, str], ...] = ()  # other (intro, code) pairs printing `output`
+    by_hand: str = ""  # "$a + b = c$": the by-hand TIR answer's equation (arithmetic kinds)
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,11 @@ def _gen_add(rng: random.Random, digits: int) -> _Draft:
         tir_intro="I will compute the sum with Python.",
         code=f"print({a} + {b})",
         output=f"{a + b}\n",
+        more_tir=(
+            ("Let me add the two numbers in Python.", f"a = {a}\nb = {b}\nprint(a + b)"),
+            ("Python adds these exactly.", f"total = {a} + {b}\nprint(total)"),
+        ),
+        by_hand=f"${a} + {b} = {a + b}$",
     )
 
 
@@ -135,6 +151,11 @@ def _gen_sub(rng: random.Random, digits: int) -> _Draft:
         tir_intro="I will compute the difference with Python.",
         code=f"print({a} - {b})",
         output=f"{a - b}\n",
+        more_tir=(
+            ("Let me subtract in Python.", f"a = {a}\nb = {b}\nprint(a - b)"),
+            ("Python subtracts these exactly.", f"difference = {a} - {b}\nprint(difference)"),
+        ),
+        by_hand=f"${a} - {b} = {a - b}$",
     )
 
 
@@ -155,6 +176,11 @@ def _gen_mul(rng: random.Random, digits: int) -> _Draft:
         tir_intro="I will compute the product with Python.",
         code=f"print({a} * {b})",
         output=f"{a * b}\n",
+        more_tir=(
+            ("Let me multiply in Python.", f"a = {a}\nb = {b}\nprint(a * b)"),
+            ("Python multiplies these exactly.", f"product = {a} * {b}\nprint(product)"),
+        ),
+        by_hand=f"${_times(a, b)} = {a * b}$",
     )
 
 
@@ -177,6 +203,11 @@ def _gen_big_mul(rng: random.Random, digits: int) -> _Draft:
         tir_intro="Multiplying large numbers by hand is error-prone, so I will use Python.",
         code=f"a = {a}\nb = {b}\nprint(a * b)",
         output=f"{a * b}\n",
+        more_tir=(
+            ("Let me multiply the two numbers in Python.", f"print({a} * {b})"),
+            ("Python multiplies these exactly.", f"product = {a} * {b}\nprint(product)"),
+        ),
+        by_hand=f"${_times(a, b)} = {a * b}$",
     )
 
 
@@ -409,7 +440,9 @@ def question_split(question: str) -> str:
     return "test" if h % 10_000 < TEST_FRACTION * 10_000 else "train"
 
 
-def _check_args(kinds: Sequence[str], split: str, digits: Mapping[str, int]) -> None:
+def _check_args(
+    kinds: Sequence[str], split: str, digits: Mapping[str, int], tir_by_hand: float
+) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not kinds:
@@ -420,13 +453,27 @@ def _check_args(kinds: Sequence[str], split: str, digits: Mapping[str, int]) -> 
     for k, d in digits.items():
         if not isinstance(d, int) or not 1 <= d <= 30:
             raise ValueError(f"digits[{k!r}] = {d!r}; use an int between 1 and 30")
+    if not 0.0 <= tir_by_hand <= 1.0:
+        raise ValueError(f"tir_by_hand = {tir_by_hand!r}; use a share between 0 and 1")
 
 
-def _tir_text(d: _Draft) -> str:
-    return (
-        f"{d.tir_intro}\n```python\n{d.code}\n```\n```output\n{d.output}```\n"
-        f"{_boxed_line(d.answer)}"
-    )
+_TIR_CLOSINGS = (
+    "The answer is $\\boxed{{{}}}$.",
+    "So the result is $\\boxed{{{}}}$.",
+    "Therefore the answer is $\\boxed{{{}}}$.",
+    "The output gives $\\boxed{{{}}}$.",
+)
+_BY_HAND_INTRO = "This is quick to do by hand:"
+
+
+def _tir_text(d: _Draft, rng: random.Random, by_hand: float) -> str:
+    """The TIR solution: one of the kind's (intro, program) pairs and closing sentences;
+    with probability `by_hand`, for a kind that has one, the by-hand answer instead."""
+    if d.by_hand and rng.random() < by_hand:
+        return f"{_BY_HAND_INTRO} {d.by_hand}.\n{_boxed_line(d.answer)}"
+    intro, code = rng.choice(((d.tir_intro, d.code), *d.more_tir))
+    closing = rng.choice(_TIR_CLOSINGS).format(d.answer)
+    return f"{intro}\n```python\n{code}\n```\n```output\n{d.output}```\n{closing}"
 
 
 def problem(
@@ -435,6 +482,7 @@ def problem(
     split: str = "train",
     kinds: Sequence[str] | None = None,
     digits: Mapping[str, int] | None = None,
+    tir_by_hand: float = 0.0,
 ) -> dict[str, str | int]:
     """The `index`-th problem of a seed and split; a pure function of its arguments.
 
@@ -444,6 +492,8 @@ def problem(
         split: "train" or "test"; questions of the two never overlap.
         kinds: kind names to cycle through (index % len(kinds)); default all of `KINDS`.
         digits: per-kind difficulty overrides, e.g. {"add": 2}.
+        tir_by_hand: share of by-hand TIR solutions in the kinds that have one (add, sub,
+            mul, big_mul); the question and the CoT text do not depend on it.
 
     Returns:
         dict with id, split, kind, question, answer (gold), cot, tir, digits.
@@ -454,7 +504,7 @@ def problem(
     """
     kinds = list(kinds) if kinds is not None else list(KINDS)
     digits = dict(digits or {})
-    _check_args(kinds, split, digits)
+    _check_args(kinds, split, digits, tir_by_hand)
     if not isinstance(index, int) or index < 0:
         raise ValueError(f"index must be a non-negative int, got {index!r}")
     kind = KINDS[kinds[index % len(kinds)]]
@@ -477,7 +527,7 @@ def problem(
         "question": d.question,
         "answer": d.answer,
         "cot": "\n".join([*d.cot_steps, _boxed_line(d.answer)]),
-        "tir": _tir_text(d),
+        "tir": _tir_text(d, random.Random(f"{seed}:{split}:{index}:tir"), tir_by_hand),
     }
 
 
@@ -531,8 +581,9 @@ _FACTS = (_facts_times_table, _facts_squares, _facts_fraction, _facts_gcd)
 class SyntheticMath:
     """Indexable synthetic math corpus for one seed and split.
 
-    `ds[i]` is `problem(seed, i, split, kinds, digits)`; `len(ds)` is `num_records` so Grain
-    and plain iteration see a finite source, but any index works through `problem`.
+    `ds[i]` is `problem(seed, i, split, kinds, digits, tir_by_hand)`; `len(ds)` is
+    `num_records` so Grain and plain iteration see a finite source, but any index works
+    through `problem`.
     """
 
     def __init__(
@@ -542,6 +593,7 @@ class SyntheticMath:
         split: str = "train",
         digits: Mapping[str, int] | None = None,
         num_records: int = 100_000,
+        tir_by_hand: float = 0.0,
     ) -> None:
         """Creates the corpus view.
 
@@ -552,12 +604,14 @@ class SyntheticMath:
             split: "train" or "test".
             digits: per-kind difficulty overrides, e.g. {"big_mul": 4}.
             num_records: reported length.
+            tir_by_hand: share of by-hand TIR solutions (see `problem`).
         """
         self.seed = seed
         self.kinds = tuple(kinds) if kinds is not None else tuple(KINDS)
         self.split = split
         self.digits = dict(digits or {})
-        _check_args(self.kinds, split, self.digits)
+        self.tir_by_hand = tir_by_hand
+        _check_args(self.kinds, split, self.digits, tir_by_hand)
         if num_records < 1:
             raise ValueError(f"num_records must be >= 1, got {num_records}")
         self.num_records = num_records
@@ -568,7 +622,9 @@ class SyntheticMath:
     def __getitem__(self, index: int) -> dict[str, str | int]:
         if not 0 <= index < self.num_records:
             raise IndexError(f"index {index} outside [0, {self.num_records})")
-        return problem(self.seed, int(index), self.split, self.kinds, self.digits)
+        return problem(
+            self.seed, int(index), self.split, self.kinds, self.digits, self.tir_by_hand
+        )
 
     def __iter__(self) -> Iterator[dict[str, str | int]]:
         return (self[i] for i in range(self.num_records))

@@ -36,7 +36,10 @@ def synthetic_corpus(cfg, split: str = "train") -> synthetic.SyntheticMath:
     kinds = [k for k in cfg.data.synthetic_kinds.split(",") if k] or None
     digits = {k: int(v) for k, v in (p.split("=") for p in cfg.data.synthetic_digits.split(",")
                                       if p)}
-    return synthetic.SyntheticMath(seed=cfg.seed, kinds=kinds, split=split, digits=digits)
+    return synthetic.SyntheticMath(
+        seed=cfg.seed, kinds=kinds, split=split, digits=digits,
+        tir_by_hand=cfg.data.synthetic_tir_by_hand,
+    )
 
 
 def tokenizer(cfg, workdir: str) -> Tokenizer:
