@@ -21,6 +21,9 @@ on the 250 of 256 queries with 1 to 7 of 8 answers right (most have 4 to 6) and 
 model onto the tool: greedy 4 -> 100 and 0 -> 100. The synth round keeps every verified
 path (574 of 576); its SFT round, 36% new paths (one pass over them) and 64% the original
 mix, stays at 100%.
+At seed 1 (--config.seed=1; 16.2 minutes) the same holds: SFT TIR 96 / 100 / 100 on sums
+(there greedy opens with code) and 0 / 98 / 100 on products, then 100 / 100 / 100 in every
+TIR row after GRPO and after the synth round; RM pair accuracy 99% (82 groups).
 Results: runs/demo/demo_summary.json and demo_summary.png; per-stage curves in
 runs/demo/<stage>/plots/.
 """
@@ -52,8 +55,9 @@ def get_config():
                            checkpoint_every_steps=10),
         # queries: those of 256 training problems with 1 to 7 of 8 sampled answers right
         # (all-right or all-wrong groups have no GRPO advantage). The report keeps 2 to 5
-        # (grpo_7b and grpo_72b do); here the SFT model answers most queries right 6 to 8
-        # times in 8, and at seed 1 not one of 256 had 2 to 5
+        # (grpo_7b and grpo_72b do); a small model's accuracy moves from seed to seed
+        # (most queries had 4 to 6 right at seed 0, 5 to 7 at seed 1), so the demo keeps
+        # every query that carries a signal
         "grpo": dict(mode="tir", group_size=8, prompts_per_step=8, mini_batch=32, passes=1,
                      max_prompt_len=128, max_new_tokens=192, kl_coef=1e-3,
                      filter_n=8, filter_keep="1,7", filter_problems=256),
