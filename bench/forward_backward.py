@@ -15,18 +15,19 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import common  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from qmath_jax import hf  # noqa: E402
-from qmath_jax.model import Transformer, get_preset, init_params  # noqa: E402
+from qmath_jax import hf
+from qmath_jax.model import Transformer, get_preset, init_params
 
 BATCH, SEQ = 8, 256
 
 
-def ours_step(cfg, params, tokens):
+def ours_loss(cfg, tokens):
+    """params -> the next-token loss of the bench batch (what both sides differentiate)."""
     positions = jnp.broadcast_to(jnp.arange(SEQ), tokens.shape)
     segments = jnp.ones_like(tokens)
 
@@ -35,7 +36,11 @@ def ours_step(cfg, params, tokens):
         logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
-    step = jax.jit(jax.value_and_grad(loss_fn))
+    return loss_fn
+
+
+def ours_step(cfg, params, tokens):
+    step = jax.jit(jax.value_and_grad(ours_loss(cfg, tokens)))
     return lambda: jax.block_until_ready(step(params))
 
 
