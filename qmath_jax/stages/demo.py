@@ -40,7 +40,8 @@ def _stage(name: str, path: str, fn, seconds: dict):
     done = os.path.join(path, "DONE")
     if os.path.exists(done):
         print(f"[demo] {name}: done earlier ({path})")
-        record = json.load(open(done))
+        with open(done) as f:
+            record = json.load(f)
     else:
         t0 = time.time()
         print(f"[demo] {name} ...", flush=True)
@@ -115,7 +116,8 @@ def run(cfg, workdir: str):
                                              f"{synth_out}.{mode}", rm=synth._load_rm(scfg, tok))
         with open(synth_out, "w") as out:
             for mode in d.synth_modes.split(","):
-                out.write(open(f"{synth_out}.{mode}").read())
+                with open(f"{synth_out}.{mode}") as part:
+                    out.write(part.read())
         return reports
 
     stage("synth", dirs["synth"], synth_round)
@@ -123,7 +125,8 @@ def run(cfg, workdir: str):
     def rft():
         # The next round's SFT data is the original mix plus the new verified paths (as
         # in the report); a round that verified nothing trains on the original mix alone.
-        new_paths = sum(1 for _ in open(synth_out))
+        with open(synth_out) as f:
+            new_paths = sum(1 for _ in f)
         # About one pass over the new paths in this round (one example per packed row);
         # a few dozen paths repeated for a whole round get memorised, answers included.
         share = min(d.rft_new_paths_share, new_paths / (d.rft.steps * d.rft.batch_size))
