@@ -26,12 +26,17 @@ from qmath_jax.model import Transformer, get_preset, init_params
 BATCH, SEQ = 8, 256
 
 
-def ours_loss(cfg, tokens):
-    """params -> the next-token loss of the bench batch (what both sides differentiate)."""
+def ours_inputs(tokens) -> tuple[jax.Array, ...]:
+    """(tokens, positions, segment_ids) of the bench batch: one unpacked row each."""
     positions = jnp.broadcast_to(jnp.arange(SEQ), tokens.shape)
-    segments = jnp.ones_like(tokens)
+    return tokens, positions, jnp.ones_like(tokens)
 
-    def loss_fn(p):
+
+def ours_loss(cfg):
+    """(params, tokens, positions, segment_ids) -> the next-token loss both sides
+    differentiate. The batch comes in as arguments, as in the trainer's step."""
+
+    def loss_fn(p, tokens, positions, segments):
         logits = Transformer(cfg).apply({"params": p}, tokens, positions, segments)
         logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
@@ -40,8 +45,9 @@ def ours_loss(cfg, tokens):
 
 
 def ours_step(cfg, params, tokens):
-    step = jax.jit(jax.value_and_grad(ours_loss(cfg, tokens)))
-    return lambda: jax.block_until_ready(step(params))
+    step = jax.jit(jax.value_and_grad(ours_loss(cfg)))
+    inputs = ours_inputs(tokens)
+    return lambda: jax.block_until_ready(step(params, *inputs))
 
 
 def peer_step(hf_dir, tokens):

@@ -72,30 +72,43 @@ class RMSNorm(nn.Module):
         return scale_D.astype(dtype) * normed.astype(dtype)
 
 
-def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF convention: the two halves of E are the rotated pair."""
-    return apply_rope(x_BTNE, *rope_tables(positions_BT, x_BTNE.shape[-1], theta))
-
-
 def rope_tables(positions_BT: jax.Array, e: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin) [B, T, 1, E/2] of `rope`'s angles, to share between several `apply_rope`."""
+    """(cos, sin) [B, T, 1, E/2] of the rotary angles (HF's float32 rounding), for `apply_rope`.
+
+    Built once per forward and shared by every layer's q and k (see `Transformer`).
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
     angles_BTe = positions_BT.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles_BTe)[:, :, None, :], jnp.sin(angles_BTe)[:, :, None, :]
 
 
 def apply_rope(x_BTNE: jax.Array, cos_BT1e: jax.Array, sin_BT1e: jax.Array) -> jax.Array:
-    """`rope` with its (cos, sin) tables given."""
+    """Rotary embedding, HF convention: the two halves of E are the rotated pair."""
     x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos_BT1e - x2 * sin_BT1e, x2 * cos_BT1e + x1 * sin_BT1e], axis=-1)
     return out.astype(x_BTNE.dtype)
+
+
+def _shared_rope_tables(cfg: ModelConfig, positions_BT: jax.Array):
+    """`rope_tables` once for every layer's q and k.
+
+    On XLA:CPU (dense_impl "cpu") they are built inside a conditional whose two branches
+    are the same: its result is a buffer that fusion cannot look through. Otherwise XLA
+    fuses cos and sin into each layer's q and k rotations and their gradients and
+    recomputes them per element, H or K times over (XLA:CPU's cos costs ~70 multiplies;
+    ~15 ms of the two-core bench step). XLA ignores optimization barriers here.
+    """
+    tables = functools.partial(rope_tables, e=cfg.head_dim, theta=cfg.rope_theta)
+    if cfg.dense_impl != "cpu":
+        return tables(positions_BT)
+    return jax.lax.cond(positions_BT[0, 0] >= 0, tables, tables, positions_BT)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer_cache, cache_end_B, mesh):
+    def __call__(self, x_BTD, rope_BT1e, segment_ids_BT, layer_cache, cache_end_B, mesh):
         cfg = self.cfg
         d, h, k, e = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dtype = jnp.dtype(cfg.dtype)
@@ -113,9 +126,9 @@ class Attention(nn.Module):
         q_BTHE = _dense(cfg, "BTD,DHE->BTHE", x_BTD, wq_DHE.astype(dtype)) + bq_HE.astype(dtype)
         k_BTKE = _dense(cfg, "BTD,DKE->BTKE", x_BTD, wk_DKE.astype(dtype)) + bk_KE.astype(dtype)
         v_BTKE = _dense(cfg, "BTD,DKE->BTKE", x_BTD, wv_DKE.astype(dtype)) + bv_KE.astype(dtype)
-        q_BTHE = _constrain(rope(q_BTHE, positions_BT, cfg.rope_theta),
+        q_BTHE = _constrain(apply_rope(q_BTHE, *rope_BT1e),
                             ("batch", "length", "heads", "head_dim"))
-        k_BTKE = _constrain(rope(k_BTKE, positions_BT, cfg.rope_theta),
+        k_BTKE = _constrain(apply_rope(k_BTKE, *rope_BT1e),
                             ("batch", "length", "kv_heads", "head_dim"))
 
         new_cache = None
@@ -183,10 +196,10 @@ class DecoderLayer(nn.Module):
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer_cache, cache_end_B):
+    def __call__(self, x_BTD, rope_BT1e, segment_ids_BT, layer_cache, cache_end_B):
         attn_BTD, new_cache = Attention(self.cfg, name="attn")(
             RMSNorm(self.cfg, name="input_norm")(x_BTD),
-            positions_BT, segment_ids_BT, layer_cache, cache_end_B, self.mesh,
+            rope_BT1e, segment_ids_BT, layer_cache, cache_end_B, self.mesh,
         )
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x_BTD))
@@ -233,8 +246,9 @@ class Transformer(nn.Module):
                            ("batch", "length", "embed"))
         layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         cache_end_B = None if cache is None else cache["end"]
+        rope_BT1e = _shared_rope_tables(cfg, positions_BT)
         x_BTD, new_layer_caches = _scanned_layers(cfg, self.mesh)(
-            x_BTD, positions_BT, segment_ids_BT, layer_caches, cache_end_B
+            x_BTD, rope_BT1e, segment_ids_BT, layer_caches, cache_end_B
         )
         hidden_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
         if cfg.head == "rm":
