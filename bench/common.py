@@ -8,6 +8,10 @@ import time
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
+from qmath_jax import host_memory  # noqa: E402
+
+host_memory.apply_default()  # before JAX starts its CPU backend; both sides run under it
+
 
 def emit(**record) -> None:
     print(json.dumps(record), flush=True)

@@ -1,16 +1,23 @@
-"""Keep freed host memory for reuse in CPU-only processes (glibc malloc settings).
+"""Keep freed host memory for reuse, on huge pages, in CPU runs (glibc malloc settings).
 
 XLA:CPU allocates a compiled program's temporary buffer at every execution and frees it
 at the end: 315 MB for `bench/forward_backward.py`'s step. glibc serves blocks that
 large with a fresh mmap and returns them with munmap, so every step page-faults through
-the whole buffer again: 77,000 minor faults, 385 ms a step on two cores against 305 ms
-with the memory kept. One malloc arena, no mmap and no trimming keep freed blocks in the
-heap for the next execution.
+the whole buffer again: 77,000 minor faults a step. Two settings fix it:
 
-`import qmath_jax` applies this when the process can only run on CPU (see
-`cpu_only_process`), before JAX starts its CPU backend: XLA's worker threads pick their
-malloc arena at their first allocation, so a later call changes nothing for them. Set
-QMATH_KEEP_HOST_MEMORY=0 to leave malloc as it is, =1 to apply it regardless.
+- `keep_freed_memory()`: one malloc arena, no mmap, no trimming, so freed blocks stay in
+  the heap for the next execution. XLA's worker threads pick their arena at their first
+  allocation, so this must come before JAX starts its CPU backend.
+- `huge_pages_env()`: glibc's `glibc.malloc.hugetlb=1` tunable, which backs the heap
+  with transparent huge pages (fewer TLB misses over the temporaries). glibc reads it
+  only at process start, so `apply()` re-executes the process with it.
+
+The bench step: 383 ms a step on two cores with neither, 315-330 ms with both (the
+first steps still grow the heap). Neither is the default: with one arena XLA compiles
+~18% slower (its compiler threads share one malloc lock) and steps whose temporaries
+stay under glibc's 32 MB mmap threshold gain nothing, so small runs such as the tests
+and the demo would lose. The benchmarks call `apply_default()`,
+`python -m qmath_jax.launch --keep_host_memory` calls `apply()`.
 """
 
 from __future__ import annotations
@@ -75,9 +82,35 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def huge_pages_env(environ: dict[str, str]) -> dict[str, str] | None:
+    """environ with `HUGE_PAGES_TUNABLE` added to GLIBC_TUNABLES, or None if it is there."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=" in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t)}
+
+
+def apply() -> bool:
+    """Huge pages (re-executing this process once with the tunable), then kept memory.
+
+    Call first thing: the re-execution starts the program again from the top, with the
+    same command line (sys.orig_argv). Returns whether the malloc settings took.
+    """
+    if sys.platform.startswith("linux"):
+        env = huge_pages_env(dict(os.environ))
+        if env is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, sys.orig_argv, env)
+    return keep_freed_memory()
+
+
 def apply_default() -> bool:
-    """What `import qmath_jax` does: keep freed memory in a CPU-only process."""
+    """`apply()` in a CPU-only process, or as QMATH_KEEP_HOST_MEMORY (0 or 1) says."""
     choice = os.environ.get("QMATH_KEEP_HOST_MEMORY", "")
     if choice == "0" or (choice != "1" and not cpu_only_process()):
         return False
-    return keep_freed_memory()
+    return apply()

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_string("workdir", "", "run directory (default runs/<config name>)")
     flags.DEFINE_bool("compile_only", False, "AOT-compile the stage's step and report memory")
     flags.DEFINE_string("topology", "", "TPU topology for --compile_only, e.g. v5p-128")
+    flags.DEFINE_bool("keep_host_memory", False,
+                      "CPU runs: keep freed host memory for reuse, on huge pages "
+                      "(qmath_jax/host_memory.py); steps whose temporaries pass ~32 MB run "
+                      "~15% faster, compiles ~18% slower")
     flags.mark_flag_as_required("config")
     argv = _rewrite_argv(list(sys.argv if argv is None else argv))
 
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+        if flags.FLAGS.keep_host_memory:  # before the stage starts JAX's backend
+            from qmath_jax import host_memory
+
+            host_memory.apply()
         cfg = flags.FLAGS.config
         workdir = flags.FLAGS.workdir or os.path.join("runs", _config_name(argv))
         if flags.FLAGS.compile_only:
