@@ -26,20 +26,20 @@ def tokenizer_dir(tmp_path_factory):
     return str(out / "tokenizer.json")
 
 
-def _command(workdir, tokenizer):
+def _command(workdir, tokenizer, *extra):
     return [sys.executable, "-m", "qmath_jax.launch", "--config", "pretrain_tiny",
             "--workdir", str(workdir), f"--config.train.steps={STEPS}",
             "--config.train.checkpoint_every_steps=2", "--config.train.batch_size=4",
             "--config.train.seq_len=64", "--config.mesh.num_devices=1",
-            f"--config.tokenizer.path={tokenizer}"]
+            f"--config.tokenizer.path={tokenizer}", *extra]
 
 
 def _env():
     return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
-def _run(workdir, tokenizer):
-    subprocess.run(_command(workdir, tokenizer), env=_env(), check=True, timeout=300,
+def _run(workdir, tokenizer, *extra):
+    subprocess.run(_command(workdir, tokenizer, *extra), env=_env(), check=True, timeout=300,
                    capture_output=True)
 
 
@@ -72,7 +72,9 @@ def _params(workdir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tokenizer_dir):
     workdir = tmp_path_factory.mktemp("straight")
-    _run(workdir, tokenizer_dir)
+    # Run with the host-memory settings (the launcher re-executes itself with them): the
+    # runs compared against this one run without, so they must not change a number.
+    _run(workdir, tokenizer_dir, "--keep_host_memory")
     return workdir
 
 
