@@ -172,4 +172,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    common.host_memory_settings()
     main()

@@ -88,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    common.host_memory_settings()
     main()

@@ -188,4 +188,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    common.host_memory_settings()
     main()

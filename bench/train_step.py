@@ -96,4 +96,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    common.host_memory_settings()
     main()
