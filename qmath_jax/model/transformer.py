@@ -96,7 +96,8 @@ def _shared_rope_tables(cfg: ModelConfig, positions_BT: jax.Array):
     are the same: its result is a buffer that fusion cannot look through. Otherwise XLA
     fuses cos and sin into each layer's q and k rotations and their gradients and
     recomputes them per element, H or K times over (XLA:CPU's cos costs ~70 multiplies;
-    ~15 ms of the two-core bench step). XLA ignores optimization barriers here.
+    ~10 ms of the two-core bench step); an optimization barrier does not stop that. Not
+    elsewhere: on a batch sharded over devices the predicate would cost a broadcast.
     """
     tables = functools.partial(rope_tables, e=cfg.head_dim, theta=cfg.rope_theta)
     if cfg.dense_impl != "cpu":
