@@ -34,6 +34,20 @@ def test_token_logprobs_equal_log_softmax():
     np.testing.assert_allclose(token_logprobs(logits, targets), ref, atol=1e-6)
 
 
+def test_masked_cross_entropy_and_accuracy_by_hand():
+    logits = np.array([[[2.0, 1.0, 0.0], [0.0, 3.0, 3.0], [1.0, 1.0, 5.0]],
+                       [[0.5, 0.2, 0.1], [4.0, 0.0, 1.0], [0.0, 0.0, 0.0]]], np.float32)
+    targets = np.array([[0, 2, 1], [1, 0, 2]])
+    mask = np.array([[1, 1, 1], [1, 1, 0]])
+    nll = np.log(np.exp(logits).sum(-1)) - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    # Right where the target's logit is the row's largest; [0, 1] ties for it (counts).
+    right = np.array([[1, 1, 0], [0, 1, 1]])
+    total, aux = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    np.testing.assert_allclose(total, (nll * mask).sum(), rtol=1e-6)
+    assert float(aux["weight"]) == 5.0
+    assert float(aux["accuracy"]) == (right * mask).sum() == 3
+
+
 def test_grad_accumulation_equals_one_big_batch():
     cfg = get_preset("tiny")
     model = Transformer(cfg)
