@@ -16,14 +16,14 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import common  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import common
+import jax
+import numpy as np
 
-from qmath_jax import hf, parallel  # noqa: E402
-from qmath_jax.model import Transformer, get_preset  # noqa: E402
-from qmath_jax.stages.common import lm_loss  # noqa: E402
-from qmath_jax.train import trainer as T  # noqa: E402
+from qmath_jax import hf, parallel
+from qmath_jax.model import Transformer, get_preset
+from qmath_jax.stages.common import lm_loss
+from qmath_jax.train import trainer as T
 
 BATCH, SEQ = 8, 256
 

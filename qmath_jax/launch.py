@@ -15,7 +15,6 @@ import os
 import sys
 
 
-
 def config_path(name: str) -> str:
     """The file of a config NAME (configs/NAME.py) or PATH, with a clear error."""
     if name.endswith(".py") or os.sep in name:

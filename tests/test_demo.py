@@ -28,7 +28,8 @@ def test_short_demo_runs_every_stage_and_its_hf_export_matches(tmp_path):
     cmd = [sys.executable, "-m", "qmath_jax.launch", "--config", "demo", "--workdir",
            str(workdir), *SHORT]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((workdir / "demo_summary.json").read_text())
     assert set(summary["table"]) == {"sft", "grpo", "rft"}

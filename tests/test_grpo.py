@@ -44,7 +44,7 @@ def _cfg(tok_path, rm_dir, steps):
 
 
 def _rows(workdir):
-    rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "rollout_s" in r}
 
 
@@ -72,10 +72,10 @@ def test_query_filter_keeps_the_queries_in_range_and_a_restart_reuses_them(setup
     cfg.grpo.update(filter_n=4, filter_keep="0,0", filter_problems=6)
     workdir = root / "filtered"
     grpo.run(cfg, str(workdir))
-    report = json.load(open(workdir / grpo.FILTER_REPORT))
+    report = json.loads((workdir / grpo.FILTER_REPORT).read_text())
     assert report["screened"] == 6 and report["kept"] == 6
     assert report["correct_histogram"] == {"0": 6, "1": 0, "2": 0, "3": 0, "4": 0}
-    kept = [json.loads(x) for x in open(workdir / grpo.QUERIES_FILE)]
+    kept = [json.loads(x) for x in (workdir / grpo.QUERIES_FILE).read_text().splitlines()]
     corpus = common.synthetic_corpus(cfg, "train")
     assert [q["question"] for q in kept] == [corpus[i]["question"] for i in range(6)]
     assert sorted(_rows(workdir)) == [1]
@@ -83,7 +83,7 @@ def test_query_filter_keeps_the_queries_in_range_and_a_restart_reuses_them(setup
     (workdir / grpo.QUERIES_FILE).write_text("".join(json.dumps(q) + "\n" for q in kept[:2]))
     cfg.train.steps = 2
     grpo.run(cfg, str(workdir))
-    assert json.load(open(workdir / grpo.FILTER_REPORT))["kept"] == 6
+    assert json.loads((workdir / grpo.FILTER_REPORT).read_text())["kept"] == 6
     assert sorted(_rows(workdir)) == [1, 2]
 
 

@@ -11,8 +11,14 @@ import torch
 from hf_peer import tiny_qwen2
 
 from qmath_jax import hf
-from qmath_jax.model import Transformer, count_params, get_preset, init_cache, init_params
-from qmath_jax.model import param_axes
+from qmath_jax.model import (
+    Transformer,
+    count_params,
+    get_preset,
+    init_cache,
+    init_params,
+    param_axes,
+)
 from qmath_jax.model.config import PRESETS, PUBLISHED_PARAM_COUNTS
 
 LOGICAL_AXES = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",

@@ -129,7 +129,7 @@ def T_metrics(workdir):
 
 def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match="nonfinite"):
-        T.Trainer("/tmp/unused", None, lambda: {}, None, T.OptimConfig(), nonfinite="ignore")
+        T.Trainer("/tmp/unused", None, dict, None, T.OptimConfig(), nonfinite="ignore")
     with pytest.raises(ValueError, match="decay"):
         T.make_schedule(T.OptimConfig(decay="step"))
     assert isinstance(ml_collections.ConfigDict(), ml_collections.ConfigDict)

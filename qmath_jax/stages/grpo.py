@@ -32,7 +32,6 @@ from qmath_jax.train import checkpoint as params_ckpt
 from qmath_jax.train import rl_losses
 from qmath_jax.train.losses import token_entropy, token_logprobs
 
-
 # -------------------------------------------------------------------------- data
 
 
