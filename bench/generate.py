@@ -6,9 +6,11 @@ The bench preset in float32, random 32-token prompts, greedy, exactly `new_token
 tokens per row on both sides (no stop tokens for us; min_new_tokens for HF). Both run on
 the same CPU in the same process. Prints JSON lines: the KV cache memory per token
 (theoretical 2 * L * K * E * bytes against what the compiled program holds, for one
-call over the whole batch), one line per side and batch (ours with the number of
+call over the whole batch); one line per side and batch (ours with the number of
 concurrent decode calls `generate` chose; the peer at 1 and 2 torch threads, its best
-counted), and last {"ours", "peer", "ratio"} at the largest batch.
+counted); one line on rows that stop at different steps (`ragged`: ours as it is
+against ours held at the full batch, useful tokens/s); and last {"ours", "peer",
+"ratio"} at the largest batch.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ def cache_memory(cfg, params, batch: int, new_tokens: int) -> dict:
         stops,
         st=st,
     ).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
+    memory = compiled.memory_analysis()
+    held = memory.temp_size_in_bytes + memory.output_size_in_bytes  # the cache is an output
     return {
         "metric": "kv_cache_memory",
         "batch": batch,
@@ -125,8 +128,36 @@ def cache_memory(cfg, params, batch: int, new_tokens: int) -> dict:
         "cache_slots": batch * cache_len,
         "allocated_bytes_per_slot": allocated / (batch * cache_len),
         "allocated_bytes_per_used_token": allocated / used_tokens,
-        "program_temp_bytes": temp,
-        "program_temp_bytes_per_slot": temp / (batch * cache_len),
+        "program_bytes": held,
+        "program_bytes_per_slot": held / (batch * cache_len),
+    }
+
+
+def ragged(cfg, params, prompts, new_tokens: int, repeats: int) -> dict:
+    """Useful tokens/s when rows stop at different steps (temperature 1, 16 stop ids):
+    `generate` as it is, where rows that stopped leave the batch once half have, against
+    the same loop held at the full batch until the last row stops (what HF `generate`
+    does). Both draw the same completions."""
+    kw = {"temperature": 1.0, "stop_token_ids": list(range(0, cfg.vocab_size, 128))}
+    lengths = [len(c.tokens) for c in generate(cfg, params, prompts, new_tokens, **kw)]
+    seconds = {}
+    def full_batch(*_):
+        return 0
+
+    for name, compact_at in (("compacting", sampler._compact_at), ("full_batch", full_batch)):
+        sampler._compact_at, kept = compact_at, sampler._compact_at
+        try:
+            seconds[name] = timed(lambda: generate(cfg, params, prompts, new_tokens, **kw),
+                                  repeats)
+        finally:
+            sampler._compact_at = kept
+    return {
+        "metric": "ragged_stops",
+        "batch": len(prompts),
+        "useful_tokens": sum(lengths),
+        "median_length": float(np.median(lengths)),
+        "tokens_per_s": {k: sum(lengths) / v for k, v in seconds.items()},
+        "speedup": seconds["full_batch"] / seconds["compacting"],
     }
 
 
@@ -178,6 +209,8 @@ def main() -> None:
                     torch_threads=threads,
                 )
     last = batches[-1]
+    prompts = rng.integers(0, cfg.vocab_size, (last, PROMPT_LEN)).tolist()
+    common.emit(**ragged(cfg, params, prompts, args.new_tokens, args.repeats))
     common.emit(
         ours=results[("ours", last)],
         peer=results[("peer", last)],

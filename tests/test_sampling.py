@@ -233,6 +233,37 @@ def test_concurrent_calls_equal_one_call(peer, prompts, monkeypatch):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_finished_rows_leave_the_batch_without_changing_completions(
+        tok_model, monkeypatch, temperature):
+    """Once half the rows have stopped, decoding goes on with the rest only, and every
+    completion (tokens, log-probs, stop reason) equals the full-batch loop's."""
+    _, cfg, params = tok_model
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, cfg.vocab_size, rng.integers(3, 20)).tolist() for _ in range(32)]
+    kw = {"temperature": temperature, "key": jax.random.key(5),
+          "stop_token_ids": list(range(0, cfg.vocab_size, 8))}  # ragged ends
+    moves = []
+    real_continue = sampler._continue_chunk
+
+    def counting(*args, st):
+        moves.append(int(np.sum(~np.asarray(args[6]))))  # kept (non-filler) rows
+        return real_continue(*args, st=st)
+
+    monkeypatch.setattr(sampler, "_continue_chunk", counting)
+    compacted = generate(cfg, params, prompts, 48, **kw)
+    moved = len(moves)
+    assert moved, "no row left the batch: the test needs rows that stop at different steps"
+    monkeypatch.setattr(sampler, "_compact_at", lambda *_: 0)
+    full = generate(cfg, params, prompts, 48, **kw)
+    assert len(moves) == moved  # the full-batch run moved nothing
+    assert len({len(c.tokens) for c in full}) > 8
+    for a, b in zip(compacted, full):
+        assert (a.prompt_index, a.stop_reason, a.tokens) == (b.prompt_index, b.stop_reason,
+                                                             b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 def test_mesh_generation_equals_single_device(peer, prompts):
     _, cfg, params = peer
     mesh = make_mesh(data=2, fsdp=2, tensor=2)

@@ -1,10 +1,14 @@
 """Batched generation with a KV cache: one prefill, then an on-device decode loop.
 
 `generate` pads prompts into a few bucketed shapes, prefills each distinct prompt once,
-repeats its cache rows for the `n` samples, and runs the whole decode loop as one jitted
+repeats its cache rows for the `n` samples, and runs the decode loop as a jitted
 `jax.lax.while_loop` that stops when every row has finished. Rows finish on a stop token
 id, on a stop string (matched on device as token-id patterns, checked again on the host),
-or on the token budget. Nothing returns to the host until the loop ends.
+or on the token budget. Finished rows leave the batch: once only half the rows (at least
+8) are unfinished, with 16 or more steps left, the loop returns and those rows go on in a
+program for a batch half the size (`_run`); on a ragged bench workload this made useful
+tokens/s 1.4x those of a loop held at the full batch. Draws depend on a row's key and
+step only, so this changes no completion. Nothing else returns to the host.
 
 Decode cost (CPU). On the XLA path the cache is `block_cache`'s: per layer, separate
 64-slot key and value blocks, each read by plain batched products under a `lax.cond`
@@ -554,6 +558,7 @@ class _Static:
     greedy: bool
     top_k: int
     use_top_p: bool
+    compact_at: int = 0  # the decode loop stops for compaction at this many unfinished rows
 
 
 def _constrain_cache(cache: dict, mesh) -> dict:
@@ -645,11 +650,54 @@ def _record(state: dict, tok_B, logp_B, step, max_new, stops) -> dict:
     }
 
 
+def _draw(st: _Static, keys_B, logits_BV, step, temperature, top_p):
+    """(token, its policy log-prob) per row; row b's draw at `step` uses fold_in(keys[b], step)."""
+    step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+    tok_B = sample_logits(
+        logits_BV,
+        step_keys_B,
+        temperature,
+        top_p,
+        greedy=st.greedy,
+        top_k=st.top_k,
+        use_top_p=st.use_top_p,
+    )
+    return tok_B, token_logprobs(logits_BV, tok_B)
+
+
+def _decode_loop(params, state, cache, keys_B, step, max_new, temperature, top_p, stops, st):
+    """Decodes until every row finishes, or until at most st.compact_at rows are left.
+
+    Returns (state, cache, step): what `_continue_chunk` takes to go on with fewer rows.
+    """
+    cfg, mesh = st.cfg, st.mesh
+    weights = decode_weights(params)
+    rope = rope_table(cfg, st.cache_len)
+
+    def cond(carry):
+        step, state, _ = carry
+        left = jnp.sum(~state["done"])
+        go_on = (left > st.compact_at) | (max_new - step < MIN_COMPACT_STEPS)
+        return (step < max_new) & (left > 0) & go_on
+
+    def body(carry):
+        step, state, cache = carry
+        logits_BV, cache = decode_step(cfg, params, state["last"], cache, mesh, weights, rope)
+        tok_B, logp_B = _draw(st, keys_B, logits_BV, step, temperature, top_p)
+        return step + 1, _record(state, tok_B, logp_B, step, max_new, stops), cache
+
+    step, state, cache = jax.lax.while_loop(cond, body, (step, state, cache))
+    return state, cache, step
+
+
 @functools.partial(jax.jit, static_argnames=("st",))
 def _generate_chunk(
     params, tokens_PT, lengths_P, rows, max_new, key, temperature, top_p, stops, *, st: _Static
 ):
-    """Prefill P rows, repeat each n times, decode until all B = P * n rows finish."""
+    """Prefill P rows, repeat each n times, decode the B = P * n rows (see `_decode_loop`).
+
+    Returns (state, cache, row keys, step).
+    """
     from qmath_jax.model.transformer import init_cache
 
     cfg, mesh = st.cfg, st.mesh
@@ -657,8 +705,6 @@ def _generate_chunk(
     cache = _constrain_cache(init_cache(cfg, p, t, st.cache_dtype), mesh)
     logits_PV, cache = prefill(cfg, params, tokens_PT, lengths_P, cache, mesh)
     cache = _constrain_cache(_decode_cache(cache, st), mesh)
-    weights = decode_weights(params)
-    rope = rope_table(cfg, st.cache_len)
     logits_BV = jnp.repeat(logits_PV, st.n, axis=0)
     b = logits_BV.shape[0]
     # Row keys depend on (prompt, sample) only, so batching and padding never change draws.
@@ -666,20 +712,6 @@ def _generate_chunk(
         rows["prompt"], rows["sample"]
     )
     pattern_width = stops[1].shape[1]
-
-    def draw(logits_BV, step):
-        step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
-        tok_B = sample_logits(
-            logits_BV,
-            step_keys_B,
-            temperature,
-            top_p,
-            greedy=st.greedy,
-            top_k=st.top_k,
-            use_top_p=st.use_top_p,
-        )
-        return tok_B, token_logprobs(logits_BV, tok_B)
-
     state = {
         "tokens": jnp.full((b, st.buf_len), _PAD_TOKEN, jnp.int32),
         "logprobs": jnp.zeros((b, st.buf_len), jnp.float32),
@@ -689,21 +721,32 @@ def _generate_chunk(
         "done": ~rows["valid"],
         "last": jnp.zeros((b,), jnp.int32),
     }
-    tok_B, logp_B = draw(logits_BV, 0)
+    tok_B, logp_B = _draw(st, keys_B, logits_BV, 0, temperature, top_p)
     state = _record(state, tok_B, logp_B, 0, max_new, stops)
+    state, cache, step = _decode_loop(
+        params, state, cache, keys_B, jnp.int32(1), max_new, temperature, top_p, stops, st
+    )
+    return state, cache, keys_B, step
 
-    def cond(carry):
-        step, state, _ = carry
-        return (step < max_new) & ~jnp.all(state["done"])
 
-    def body(carry):
-        step, state, cache = carry
-        logits_BV, cache = decode_step(cfg, params, state["last"], cache, mesh, weights, rope)
-        tok_B, logp_B = draw(logits_BV, step)
-        return step + 1, _record(state, tok_B, logp_B, step, max_new, stops), cache
+@functools.partial(jax.jit, static_argnames=("st",))
+def _continue_chunk(
+    params, state, cache, keys_B, step, take_R, pad_R, max_new, temperature, top_p, stops,
+    *, st: _Static
+):
+    """Keeps rows take_R of a stopped `_decode_loop` (pad_R marks filler rows, finished
+    from the start) and decodes on with R rows."""
+    def take(x):
+        return jnp.take(x, take_R, axis=0)
 
-    _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache))
-    return state["tokens"], state["logprobs"], state["ngen"], state["reason"]
+    state = jax.tree.map(take, state)
+    state["done"] = state["done"] | pad_R
+    cache = {**jax.tree.map(take, cache)}
+    keys_B = take(keys_B)
+    state, cache, step = _decode_loop(
+        params, state, cache, keys_B, step, max_new, temperature, top_p, stops, st
+    )
+    return state, cache, keys_B, step
 
 
 # ----------------------------------------------------------------------------- stop strings
@@ -947,6 +990,7 @@ def generate(
             greedy=greedy,
             top_k=top_k,
             use_top_p=top_p < 1.0,
+            compact_at=_compact_at(p_rows * rows_per_unit, mesh),
         )
         tokens_PT, lengths_P, rows = _chunk_arrays(prompts, chunk, p_rows, t_len, rows_per_unit)
         args = (
@@ -1013,16 +1057,69 @@ def _uses_blocks(cfg, mesh) -> bool:
     return attention.resolve_impl(cfg.attention_impl, attention.target_platform(mesh)) == "xla"
 
 
-def _run(args, st: _Static, mesh):
-    if mesh is None:
-        out = _generate_chunk(*args, st=st)
-    else:
-        from qmath_jax import parallel
+MIN_COMPACT_ROWS = 8  # fewest unfinished rows worth moving to a smaller decode program
+MIN_COMPACT_STEPS = 16  # fewest remaining steps worth it
 
-        with jax.set_mesh(mesh), parallel.axis_rules():
-            out = _generate_chunk(*args, st=st)
-        return parallel.fetch(out)  # on a multi-host mesh every host gets every row
-    return jax.device_get(out)
+
+def _compact_at(rows: int, mesh) -> int:
+    """Unfinished rows at which a decode loop of `rows` rows stops to go on with the
+    unfinished ones only (0 = never). Half: finished rows cost a full row each step until
+    the last one ends, and a move costs one read of the kept rows' cache. Not on a mesh of
+    several devices, whose rows live on different devices."""
+    if mesh is not None and mesh.devices.size > 1:
+        return 0
+    return rows // 2 if rows // 2 >= MIN_COMPACT_ROWS else 0
+
+
+def _run(args, st: _Static, mesh):
+    """Runs a chunk's decode to the end: (tokens, logprobs, ngen, reason) host arrays per row.
+
+    Each time at most st.compact_at rows are unfinished, the loop stops and goes on
+    (`_continue_chunk`) with those rows only, in a program for a power-of-two bucket of
+    them; finished rows' results are kept here. Draws depend on a row's key and step
+    only, so this changes no completion.
+    """
+    params, max_new, temperature, top_p, stops = args[0], args[4], args[6], args[7], args[8]
+    state, cache, keys_B, step = _call(mesh, _generate_chunk, *args, st=st)
+    rows_at = np.arange(len(args[3]["valid"]))  # original row of each current row
+    real = np.ones(len(rows_at), bool)  # False: a filler row of a compacted batch
+    out = None
+    while True:
+        host = _fetch(mesh, {k: state[k] for k in ("tokens", "logprobs", "ngen", "reason", "done")})
+        if out is None:
+            out = {k: v.copy() for k, v in host.items()}
+        else:
+            for k, v in host.items():
+                out[k][rows_at[real]] = v[real]
+        left = np.flatnonzero(~host["done"])
+        if left.size == 0 or int(step) >= int(max_new):
+            return out["tokens"], out["logprobs"], out["ngen"], out["reason"]
+        r = min(_batch_bucket(left.size, 1), len(rows_at))
+        take = np.concatenate([left, np.full(r - left.size, left[0])]).astype(np.int32)
+        pad = np.arange(r) >= left.size
+        st = dataclasses.replace(st, compact_at=_compact_at(r, mesh) if r < len(rows_at) else 0)
+        state, cache, keys_B, step = _call(
+            mesh, _continue_chunk, params, state, cache, keys_B, step, take, pad, max_new,
+            temperature, top_p, stops, st=st,
+        )
+        rows_at, real = rows_at[take], ~pad
+
+
+def _call(mesh, fn, *args, st: _Static):
+    if mesh is None:
+        return fn(*args, st=st)
+    from qmath_jax import parallel
+
+    with jax.set_mesh(mesh), parallel.axis_rules():
+        return fn(*args, st=st)
+
+
+def _fetch(mesh, tree):
+    if mesh is None:
+        return jax.device_get(tree)
+    from qmath_jax import parallel
+
+    return parallel.fetch(tree)  # on a multi-host mesh every host gets every row
 
 
 def _chunk_arrays(prompts, chunk, p_rows: int, t_len: int, rows_per_unit: int):
