@@ -741,7 +741,7 @@ def _continue_chunk(
 
     state = jax.tree.map(take, state)
     state["done"] = state["done"] | pad_R
-    cache = {**jax.tree.map(take, cache)}
+    cache = jax.tree.map(take, cache)
     keys_B = take(keys_B)
     state, cache, step = _decode_loop(
         params, state, cache, keys_B, step, max_new, temperature, top_p, stops, st
