@@ -45,6 +45,26 @@ def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> float:
     return 2 * n**3 / seconds
 
 
+def memory_bandwidth(streams: int = 1, mbytes: int = 96, repeats: int = 5) -> float:
+    """Bytes/s that `streams` concurrent jitted reductions read together, each over its own
+    `mbytes` MiB array (well past the last-level cache): the DRAM rate that as many
+    concurrent decode calls share."""
+    import concurrent.futures
+
+    import jax
+    import jax.numpy as jnp
+
+    rows = mbytes * 2**20 // (4 * 1024)
+    arrays = [jnp.full((rows, 1024), float(i), jnp.float32) for i in range(streams)]
+    total = jax.jit(lambda x: jnp.sum(x, axis=0))
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        def read_all():
+            list(pool.map(lambda x: total(x).block_until_ready(), arrays))
+
+        seconds = best_time(read_all, repeats=repeats)
+    return streams * rows * 1024 * 4 / seconds
+
+
 def train_flops_per_token(cfg, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 x matmul params + attention (full square)."""
     d, f, L = cfg.embed_dim, cfg.mlp_dim, cfg.num_layers

@@ -8,9 +8,10 @@ the same CPU in the same process. Prints JSON lines: the KV cache memory per tok
 (theoretical 2 * L * K * E * bytes against what the compiled program holds, for one
 call over the whole batch); one line per side and batch (ours with the number of
 concurrent decode calls `generate` chose; the peer at 1 and 2 torch threads, its best
-counted); one line on rows that stop at different steps (`ragged`: ours as it is
-against ours held at the full batch, useful tokens/s); and last {"ours", "peer",
-"ratio"} at the largest batch.
+counted); at the largest batch, our decode step against what the machine's memory rate
+and matmul peak allow (`decode_floor`); one line on rows that stop at different steps
+(`ragged`: ours as it is against ours held at the full batch, useful tokens/s); and last
+{"ours", "peer", "ratio"} at the largest batch.
 """
 
 from __future__ import annotations
@@ -133,6 +134,72 @@ def cache_memory(cfg, params, batch: int, new_tokens: int) -> dict:
     }
 
 
+def decode_traffic(cfg, params, rows: int, prompt_len: int, new_tokens: int) -> dict:
+    """What one decode call of `rows` rows moves and computes per step, averaged over a run
+    of `new_tokens` (equal prompts of `prompt_len`): the KV blocks its attention reads
+    (`sampler._block_attention` reads block j once some row has more than j * block
+    slots), every weight it multiplies by (read once per step: LM head, layer kernels,
+    biases and norms) and the FLOPs of its products (weights and attention)."""
+    cache_len, block = sampler._cache_geometry(
+        sampler._bucket(prompt_len), sampler._bucket(new_tokens)
+    )
+    # decode step s (1 .. new_tokens - 1) writes slot prompt_len + s - 1: rows then hold
+    # prompt_len + s slots, in ceil((prompt_len + s) / block) blocks
+    slots = [block * -(-(prompt_len + s) // block) for s in range(1, new_tokens)]
+    slots_read = sum(slots) / len(slots)
+    layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    head = params["embedding"] if cfg.tie_embeddings else params["lm_head"]
+    weights = [head, params["final_norm"]["scale"], *jax.tree.leaves(params["layers"])]
+    weight_bytes = sum(w.size * w.dtype.itemsize for w in weights)
+    kernels = [w for path, w in jax.tree_util.tree_leaves_with_path(params["layers"])
+               if "kernel" in jax.tree_util.keystr(path)]
+    matmul_weights = head.size + sum(w.size for w in kernels)
+    entry = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize  # k and v
+    attention_flops = layers * 2 * 2 * rows * cfg.num_heads * cfg.head_dim * slots_read
+    return {
+        "cache_slots": cache_len,
+        "block": block,
+        "slots_read": slots_read,
+        "kv_bytes": rows * layers * entry * slots_read,
+        "weight_bytes": weight_bytes,
+        "flops": 2 * rows * matmul_weights + attention_flops,
+    }
+
+
+def decode_floor(cfg, params, batch: int, new_tokens: int, ours_s: float, peer_s: float):
+    """Our decode step against what memory and the matrix products allow, and the goal.
+
+    Each of the `calls` concurrent calls runs on its own core and reads its KV blocks and
+    all weights every step (`decode_traffic`); together they share the DRAM rate of as
+    many concurrent readers (`common.memory_bandwidth`). `memory_ms` is that traffic at
+    that rate, `products_ms` one call's products at one core's share of the matmul peak;
+    `overlapped_ms` (the larger) is the step if memory and compute overlapped perfectly,
+    `serial_ms` (their sum) if they did not overlap at all. `ours_ms` and `goal_ms` are
+    the run's seconds per generated token position, ours and a third of the peer's.
+    """
+    calls = sampler._concurrent_calls(None, None, batch)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    traffic = decode_traffic(cfg, params, batch // calls, PROMPT_LEN, new_tokens)
+    bandwidth = common.memory_bandwidth(streams=calls)
+    core_peak = common.matmul_peak_flops() / max(1, cores or 1)
+    memory_ms = 1e3 * calls * (traffic["kv_bytes"] + traffic["weight_bytes"]) / bandwidth
+    products_ms = 1e3 * traffic["flops"] / core_peak
+    return {
+        "metric": "decode_floor",
+        "batch": batch,
+        "calls": calls,
+        "kv_mb_per_call_step": traffic["kv_bytes"] / 2**20,
+        "weight_mb_per_call_step": traffic["weight_bytes"] / 2**20,
+        "dram_gb_per_s": bandwidth / 1e9,
+        "memory_ms": memory_ms,
+        "products_ms": products_ms,
+        "overlapped_ms": max(memory_ms, products_ms),
+        "serial_ms": memory_ms + products_ms,
+        "ours_ms": 1e3 * ours_s / new_tokens,
+        "goal_ms": 1e3 * peer_s / 3 / new_tokens,
+    }
+
+
 def ragged(cfg, params, prompts, new_tokens: int, repeats: int) -> dict:
     """Useful tokens/s when rows stop at different steps (temperature 1, 16 stop ids):
     `generate` as it is, where rows that stopped leave the batch once half have, against
@@ -209,6 +276,9 @@ def main() -> None:
                     torch_threads=threads,
                 )
     last = batches[-1]
+    tokens = last * args.new_tokens
+    common.emit(**decode_floor(cfg, params, last, args.new_tokens,
+                               tokens / results[("ours", last)], tokens / results[("peer", last)]))
     prompts = rng.integers(0, cfg.vocab_size, (last, PROMPT_LEN)).tolist()
     common.emit(**ragged(cfg, params, prompts, args.new_tokens, args.repeats))
     common.emit(
