@@ -181,7 +181,7 @@ def decode_floor(cfg, params, batch: int, new_tokens: int, ours_s: float, peer_s
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     traffic = decode_traffic(cfg, params, batch // calls, PROMPT_LEN, new_tokens)
     bandwidth = common.memory_bandwidth(streams=calls)
-    core_peak = common.matmul_peak_flops() / max(1, cores or 1)
+    core_peak = common.matmul_peak_flops() / (cores or 1)
     memory_ms = 1e3 * calls * (traffic["kv_bytes"] + traffic["weight_bytes"]) / bandwidth
     products_ms = 1e3 * traffic["flops"] / core_peak
     return {
