@@ -22,6 +22,53 @@ def emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
+# Vector extensions the CPU matrix kernels choose among, reported by `machine`.
+VECTOR_EXTENSIONS = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16",
+                               "avx512_vnni", "amx_bf16", "amx_tile"})
+
+
+def machine(cpuinfo: str | None = None) -> dict:
+    """The CPU the figures were taken on: model name, family and model numbers (AMD
+    family 25 is Zen 3/4, 26 is Zen 5), the cores this process may use, the vector
+    extensions the matrix kernels pick from, and the jax / torch versions. Benches that
+    compare with a peer print it first, so that figures from different hosts are never
+    read as a change in the code."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    first = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            first.setdefault(key.strip(), value.strip())
+    flags = set(first.get("flags", "").split())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "metric": "machine",
+        "cpu": first.get("model name", "unknown"),
+        "cpu_family": int(first["cpu family"]) if "cpu family" in first else None,
+        "cpu_model": int(first["model"]) if "model" in first else None,
+        "cores": cores,
+        "vector_extensions": sorted(flags & VECTOR_EXTENSIONS),
+        **_versions(),
+    }
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    found = {}
+    for package in ("jax", "torch", "transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Best wall time of `fn()` (which must block until its work is done) over repeats."""
     for _ in range(warmup):

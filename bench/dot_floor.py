@@ -125,6 +125,7 @@ def torch_products(dots, operands, threads: int):
 
 
 def main() -> None:
+    common.emit(**common.machine())
     cfg = get_preset("bench")
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (fb.BATCH, fb.SEQ), 0, cfg.vocab_size)

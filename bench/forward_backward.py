@@ -68,6 +68,7 @@ def peer_step(hf_dir, tokens):
 
 
 def main() -> None:
+    common.emit(**common.machine())
     cfg = get_preset("bench")
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, cfg.vocab_size)

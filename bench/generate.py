@@ -235,6 +235,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    common.emit(**common.machine())
 
     import transformers
 

@@ -76,6 +76,7 @@ def peer(hf_dir, tokens):
 
 
 def main() -> None:
+    common.emit(**common.machine())
     cfg = get_preset("bench")
     tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, cfg.vocab_size)
     peak = common.matmul_peak_flops()

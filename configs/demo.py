@@ -45,25 +45,27 @@ def get_config():
     # (see qmath_jax/data/synthetic.py). TIR gets the larger share of SFT for that.
     c.data.synthetic_tir_by_hand = 0.3
     c.data.tir_fraction = 0.65
-    stage_train = dict(batch_size=16, seq_len=256, warmup_steps=20, checkpoint_every_steps=100)
+    stage_train = {"batch_size": 16, "seq_len": 256, "warmup_steps": 20,
+                   "checkpoint_every_steps": 100}
     c.demo = ml_collections.ConfigDict({
-        "pretrain": dict(stage_train, steps=200, lr=3e-3, end_lr=3e-4),
-        "sft": dict(stage_train, steps=700, lr=2e-3, end_lr=2e-4),
-        "rm": dict(stage_train, steps=150, batch_size=8, seq_len=224, lr=3e-4, end_lr=3e-5),
-        "rft": dict(stage_train, steps=100, lr=2e-4, end_lr=2e-5, warmup_steps=5),
-        "grpo_train": dict(steps=30, lr=5e-5, end_lr=5e-5, warmup_steps=0, decay="constant",
-                           checkpoint_every_steps=10),
+        "pretrain": {**stage_train, "steps": 200, "lr": 3e-3, "end_lr": 3e-4},
+        "sft": {**stage_train, "steps": 700, "lr": 2e-3, "end_lr": 2e-4},
+        "rm": {**stage_train, "steps": 150, "batch_size": 8, "seq_len": 224, "lr": 3e-4,
+               "end_lr": 3e-5},
+        "rft": {**stage_train, "steps": 100, "lr": 2e-4, "end_lr": 2e-5, "warmup_steps": 5},
+        "grpo_train": {"steps": 30, "lr": 5e-5, "end_lr": 5e-5, "warmup_steps": 0,
+                       "decay": "constant", "checkpoint_every_steps": 10},
         # queries: those of 256 training problems with 1 to 7 of 8 sampled answers right
         # (all-right or all-wrong groups have no GRPO advantage). The report keeps 2 to 5
         # (grpo_7b and grpo_72b do); a small model's accuracy moves from seed to seed
         # (most queries had 4 to 6 right at seed 0, 5 to 7 at seed 1), so the demo keeps
         # every query that carries a signal
-        "grpo": dict(mode="tir", group_size=8, prompts_per_step=8, mini_batch=32, passes=1,
-                     max_prompt_len=128, max_new_tokens=192, kl_coef=1e-3,
-                     filter_n=8, filter_keep="1,7", filter_problems=256),
+        "grpo": {"mode": "tir", "group_size": 8, "prompts_per_step": 8, "mini_batch": 32,
+                 "passes": 1, "max_prompt_len": 128, "max_new_tokens": 192, "kl_coef": 1e-3,
+                 "filter_n": 8, "filter_keep": "1,7", "filter_problems": 256},
         # the RFT round keeps every verified path (the report's rejection fine-tuning)
-        "synth": dict(n=6, max_new_tokens=192, batch_size=32, temperature=0.7, top_p=0.8,
-                      reference_positive=True, keep="all"),
+        "synth": {"n": 6, "max_new_tokens": 192, "batch_size": 32, "temperature": 0.7,
+                  "top_p": 0.8, "reference_positive": True, "keep": "all"},
         "rm_problems": 384,
         "rm_mode": "tir",  # sampling mode of the RM data
         "rm_held_out_problems": 96,  # test-split problems whose sampled groups score the RM

@@ -175,20 +175,20 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
         raise ValueError(f"config.json lacks {missing}; it is not a Qwen2 config")
     archs = hf_config.get("architectures") or ["Qwen2ForCausalLM"]
     heads = hf_config["num_attention_heads"]
-    fields = dict(
-        vocab_size=hf_config["vocab_size"],
-        embed_dim=hf_config["hidden_size"],
-        mlp_dim=hf_config["intermediate_size"],
-        num_layers=hf_config["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf_config.get("num_key_value_heads") or heads,
-        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-        rope_theta=float(rope.get("rope_theta") or hf_config.get("rope_theta", 10000.0)),
-        rms_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        max_positions=hf_config.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        head="rm" if "Qwen2ForRewardModel" in archs else "lm",
-    )
+    fields = {
+        "vocab_size": hf_config["vocab_size"],
+        "embed_dim": hf_config["hidden_size"],
+        "mlp_dim": hf_config["intermediate_size"],
+        "num_layers": hf_config["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": hf_config.get("num_key_value_heads") or heads,
+        "head_dim": hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        "rope_theta": float(rope.get("rope_theta") or hf_config.get("rope_theta", 10000.0)),
+        "rms_eps": float(hf_config.get("rms_norm_eps", 1e-6)),
+        "max_positions": hf_config.get("max_position_embeddings", 4096),
+        "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)),
+        "head": "rm" if "Qwen2ForRewardModel" in archs else "lm",
+    }
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -235,8 +235,8 @@ class _HFReader:
                 weight_map = json.load(f)["weight_map"]
         elif os.path.exists(os.path.join(hf_dir, SINGLE_FILE)):
             single = SINGLE_FILE
-            weight_map = {k: single for k in
-                          safetensors_io.SafetensorsFile(os.path.join(hf_dir, single)).keys()}
+            weight_map = dict.fromkeys(
+                safetensors_io.SafetensorsFile(os.path.join(hf_dir, single)), single)
         else:
             raise FileNotFoundError(f"{hf_dir}: no {INDEX_FILE} or {SINGLE_FILE}; "
                                     "point --hf_dir at a Hugging Face checkpoint directory")

@@ -89,7 +89,7 @@ def test_bfloat16_export_reads_back(tmp_path):
 def _rewrite(path, drop=None, reshape=None):
     f = safetensors_io.SafetensorsFile(str(path))
     tensors = []
-    for name in f.keys():
+    for name in f:
         if name == drop:
             continue
         arr = np.array(f.get(name))

@@ -14,8 +14,8 @@ Decode cost (CPU). On the XLA path the cache is `block_cache`'s: per layer, sepa
 64-slot key and value blocks, each read by plain batched products under a `lax.cond`
 only once some row has reached it, and written in place. On a multi-core CPU `generate`
 runs two halves of the rows as two concurrent calls (see `_concurrent_calls`). At batch
-64 on two shared cores this took a bench-preset step from ~18 ms to ~5 ms; what is left
-is mostly the matrix products and reading the cache.
+64 on two shared Zen 4 cores this took a bench-preset step from ~18 ms to ~5 ms (2.8 ms
+on two Zen 5 cores); what is left is mostly the matrix products and reading the cache.
 
 Log-probabilities. `Completion.logprobs[i]` is `log_softmax(logits)[tokens[i]]` of the
 model's raw float32 logits at that step: the policy's log-probability at temperature 1,
@@ -1022,14 +1022,14 @@ MIN_CALL_ROWS = 8  # fewest decode rows worth a call of their own
 def _concurrent_calls(mesh, max_batch: int | None, rows: int) -> int:
     """How many chunks `generate` decodes at once, from as many threads.
 
-    XLA:CPU runs a program's ops one after another and spreads only large ops over the
-    cores, so the attention reads (memory-bound, about 40% of a decode step at batch 64)
-    and the small ops of a step keep one core. Decoding two halves of the rows as two
-    concurrent calls overlaps them: 6.1 -> 4.9 ms per step at batch 64 on two cores
-    (four calls shrank the matrix products and were slower there). Only when the caller
-    left the batch whole (max_batch=None: two half calls hold the same cache memory as
-    one), without a mesh of several devices (that places rows on devices already), on a
-    CPU backend.
+    XLA:CPU spreads only large ops over the cores, and a decode step is a chain of small
+    ones, so the attention reads (memory-bound, a quarter to 40% of a step) and the
+    products of a step keep one core. Decoding two halves of the rows as two concurrent
+    calls overlaps them: per step at batch 64 on two cores, 6.1 -> 4.9 ms on Zen 4 and
+    3.8 -> 2.8 ms on Zen 5 (four calls shrank the matrix products: slower on Zen 4,
+    the same on Zen 5). Only when the caller left the batch whole (max_batch=None: two
+    half calls hold the same cache memory as one), without a mesh of several devices
+    (that places rows on devices already), on a CPU backend.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     several = mesh is not None and mesh.devices.size > 1
