@@ -1,6 +1,6 @@
 """Generated tokens/s of our sampler against HF transformers `generate`, same weights.
 
-  python bench/generate.py [--batches 16,64] [--new_tokens 256] [--repeats 2]
+  python bench/generate.py [--batches 16,64] [--new_tokens 256] [--repeats 3]
 
 The bench preset in float32, random 32-token prompts, greedy, exactly `new_tokens` new
 tokens per row on both sides (no stop tokens for us; min_new_tokens for HF). Both run on
@@ -232,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     common.emit(**common.machine())
