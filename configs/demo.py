@@ -4,8 +4,9 @@
 
 Runs pretrain -> SFT (CoT + TIR) -> RM data + RM -> GRPO -> a synth round + SFT ->
 evaluation of each stage (greedy, maj@8, RM@8; CoT and TIR) -> HF export, reloaded in
-transformers with the same greedy tokens. On an idle 2-core CPU: 15.8 minutes measured
-(pretrain 81 s, SFT 253, RM data 56, RM 151, GRPO 187, synth 31, RFT 45, eval 136, export 6).
+transformers with the same greedy tokens. On an idle 2-core Zen 4 CPU: 15.8 minutes
+(pretrain 81 s, SFT 253, RM data 56, RM 151, GRPO 187, synth 31, RFT 45, eval 136, export 6);
+on 2 Zen 5 cores 11.8 minutes (49, 155, 64, 95, 148, 38, 27, 118, 5), with the same table.
 What it showed (seed 0, 48 held-out problems per row; TIR greedy / maj@8 / RM@8, %):
   2-digit sums      SFT 4 / 100 / 100   GRPO 100 / 100 / 100   synth round 100 / 100 / 100
   3-digit products  SFT 0 /  98 /  98   GRPO 100 / 100 / 100   synth round 100 / 100 / 100
