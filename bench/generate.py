@@ -1,10 +1,13 @@
 """Generated tokens/s of our sampler against HF transformers `generate`, same weights.
 
   python bench/generate.py [--batches 16,64] [--new_tokens 256] [--repeats 3]
+  JAX_PLATFORMS=cuda python bench/generate.py --preset qwen2.5-math-1.5b --dtype bfloat16
 
-The bench preset in float32, random 32-token prompts, greedy, exactly `new_tokens` new
-tokens per row on both sides (no stop tokens for us; min_new_tokens for HF). Both run on
-the same CPU in the same process. Prints JSON lines: the KV cache memory per token
+The bench preset in float32 by default, random 32-token prompts, greedy, exactly
+`new_tokens` new tokens per row on both sides (no stop tokens for us; min_new_tokens for
+HF). Both run on the same device in the same process: the CPU, or with JAX on a GPU the
+peer on that GPU too (weights in the model's dtype on both sides, HF's sdpa attention;
+the CPU-only lines, `decode_floor` and `ragged_stops`, are left out there). Prints JSON lines: the KV cache memory per token
 (theoretical 2 * L * K * E * bytes against what the compiled program holds, for one
 call over the whole batch); one line per side and batch (ours with the number of
 concurrent decode calls `generate` chose; the peer at 1 and 2 torch threads, its best
@@ -56,14 +59,16 @@ def ours(cfg, params, prompts, new_tokens: int):
     return run
 
 
-def peer(model, prompts, new_tokens: int, threads: int):
+def peer(model, prompts, new_tokens: int, threads: int | None):
+    """HF greedy generation on the model's device; `threads`: torch CPU threads."""
     import torch
 
-    ids = torch.tensor(np.asarray(prompts), dtype=torch.long)
+    ids = torch.tensor(np.asarray(prompts), dtype=torch.long, device=model.device)
     mask = torch.ones_like(ids)
 
     def run():
-        torch.set_num_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids,
@@ -74,6 +79,8 @@ def peer(model, prompts, new_tokens: int, threads: int):
                 pad_token_id=0,
             )
         assert out.shape == (len(prompts), PROMPT_LEN + new_tokens)
+        if out.is_cuda:
+            torch.cuda.synchronize()
 
     return run
 
@@ -233,19 +240,28 @@ def main() -> None:
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default="bench", help="model preset (random weights)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    common.emit(**common.machine())
+    on_gpu = jax.default_backend() == "gpu"
+    common.emit(**common.machine(), platform=jax.default_backend(),
+                device=jax.devices()[0].device_kind)
 
+    import torch
     import transformers
 
-    cfg = get_preset("bench", dtype="float32")
-    params = init_params(cfg, jax.random.key(0))
+    cfg = get_preset(args.preset, dtype=args.dtype)
+    # Weights held in the compute dtype on both sides, as a serving copy is.
+    params = jax.tree.map(lambda x: x.astype(cfg.dtype), init_params(cfg, jax.random.key(0)))
     rng = np.random.default_rng(0)
     common.emit(**cache_memory(cfg, params, batches[-1], args.new_tokens))
     with tempfile.TemporaryDirectory() as hf_dir:
-        hf.save(cfg, params, hf_dir)
-        model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa")
+        hf.save(cfg, params, hf_dir, dtype=args.dtype)
+        model = transformers.Qwen2ForCausalLM.from_pretrained(
+            hf_dir, attn_implementation="sdpa", dtype=getattr(torch, args.dtype)
+        )
+        model.to("cuda" if on_gpu else "cpu")
         model.eval()
         model.generation_config.eos_token_id = None
         results = {}
@@ -264,7 +280,7 @@ def main() -> None:
             )
             # torch's OpenMP threads collapse when the cores are shared: the peer gets
             # its best thread count.
-            for threads in (1, 2):
+            for threads in (None,) if on_gpu else (1, 2):
                 seconds = timed(peer(model, prompts, args.new_tokens, threads), args.repeats)
                 best = max(results.get(("peer", batch), 0.0), tokens / seconds)
                 results[("peer", batch)] = best
@@ -278,15 +294,18 @@ def main() -> None:
                 )
     last = batches[-1]
     tokens = last * args.new_tokens
-    common.emit(**decode_floor(cfg, params, last, args.new_tokens,
-                               tokens / results[("ours", last)], tokens / results[("peer", last)]))
-    prompts = rng.integers(0, cfg.vocab_size, (last, PROMPT_LEN)).tolist()
-    common.emit(**ragged(cfg, params, prompts, args.new_tokens, args.repeats))
+    if not on_gpu:
+        common.emit(**decode_floor(cfg, params, last, args.new_tokens, tokens /
+                                   results[("ours", last)], tokens / results[("peer", last)]))
+        prompts = rng.integers(0, cfg.vocab_size, (last, PROMPT_LEN)).tolist()
+        common.emit(**ragged(cfg, params, prompts, args.new_tokens, args.repeats))
     common.emit(
         ours=results[("ours", last)],
         peer=results[("peer", last)],
         ratio=results[("ours", last)] / results[("peer", last)],
         batch=last,
+        preset=args.preset,
+        dtype=args.dtype,
         unit="generated tokens/s",
     )
 

@@ -98,6 +98,20 @@ def _last_true(x: jax.Array, n: int) -> jax.Array:
     return jnp.max(jnp.where(x, jnp.arange(n), -1), axis=-1).astype(jnp.int32)
 
 
+def triton_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
+    """`pallas.triton.dot` (float32 result) at the precision JAX's matmuls are set to.
+
+    Triton multiplies float32 tiles in TF32 unless told otherwise. Under
+    `jax.default_matmul_precision("highest" | "float32")` the product is IEEE float32,
+    as XLA's own dots are there; bfloat16 tiles are exact either way.
+    """
+    from jax.experimental.pallas import triton as plgpu
+
+    setting = jax.config.jax_default_matmul_precision
+    precision = jax.lax.Precision.HIGHEST if setting in ("highest", "float32") else None
+    return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
+
+
 def check_attention_inputs(
     q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, segment_ids_BT: jax.Array
 ) -> None:

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from qmath_jax.model.kernels import NEG_INF, pad_axis
+from qmath_jax.model.kernels import NEG_INF, pad_axis, triton_dot
 
 LANES = 128
 TPU_BLOCK = 512
@@ -239,14 +239,14 @@ def _gpu_kernel(q_ref, k_ref, v_ref, length_ref, acc_ref, m_ref, l_ref, *, scale
         acc, m, l = carry
         rows = pl.ds(j * bk, bk)
         valid = j * bk + jnp.arange(bk) < length
-        s_GS = plgpu.dot(q, k_ref[rows, :], trans_b=True) * scale
+        s_GS = triton_dot(q, k_ref[rows, :], trans_b=True) * scale
         s_GS = jnp.where(valid[None, :], s_GS, NEG_INF)
         m_next = jnp.maximum(m, jnp.max(s_GS, axis=1))
         p = jnp.where(valid[None, :], jnp.exp(s_GS - m_next[:, None]), 0.0)
         alpha = jnp.exp(m - m_next)
         # Slots past the length are never written by the sampler: keep NaN out.
         v = jnp.where(valid[:, None], v_ref[rows, :], 0).astype(v_ref.dtype)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + triton_dot(p.astype(v.dtype), v)
         return acc, m_next, alpha * l + jnp.sum(p, axis=1)
 
     gp = q.shape[0]

@@ -28,6 +28,7 @@ from qmath_jax.model.kernels import (
     live_block_ranges,
     pad_axis,
     round_up,
+    triton_dot,
 )
 
 DEFAULT_BLOCKS = (128, 64, 64, 64)  # forward q, forward kv, backward q, backward kv
@@ -167,7 +168,7 @@ def _fwd_kernel(
     def body(j, carry):
         acc, m, l = carry
         rows = pl.ds(j * bk, bk)
-        s = plgpu.dot(q, k_ref[rows, :], trans_b=True) * scale
+        s = triton_dot(q, k_ref[rows, :], trans_b=True) * scale
         mask = _mask(q_seg, seg_ref[rows], q_pos, j * bk + jnp.arange(bk), causal)
         s = jnp.where(mask, s, NEG_INF)
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
@@ -175,7 +176,7 @@ def _fwd_kernel(
         p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
         alpha = jnp.exp(m - m_next)
         v = v_ref[rows, :]
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + triton_dot(p.astype(v.dtype), v)
         return acc, m_next, alpha * l + jnp.sum(p, axis=1)
 
     init = (
@@ -250,12 +251,12 @@ def _dq_kernel(
     def body(j, acc):
         rows = pl.ds(j * bk, bk)
         k = k_ref[rows, :]
-        s = plgpu.dot(q, k, trans_b=True) * scale
+        s = triton_dot(q, k, trans_b=True) * scale
         mask = _mask(q_seg, seg_ref[rows], q_pos, j * bk + jnp.arange(bk), causal)
         p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse[:, None]), 0.0)
-        dp = plgpu.dot(do, v_ref[rows, :], trans_b=True)
+        dp = triton_dot(do, v_ref[rows, :], trans_b=True)
         ds = p * (dp - di[:, None])
-        return acc + plgpu.dot(ds.astype(k.dtype), k)
+        return acc + triton_dot(ds.astype(k.dtype), k)
 
     acc = jax.lax.fori_loop(
         first_ref[...], last_ref[...] + 1, body, jnp.zeros(q.shape, jnp.float32)
@@ -328,16 +329,16 @@ def _dkv_kernel(
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, gi, :], do_ref[rows, gi, :]
         # Transposed scores [bk, bq]: each kv row meets a tile of queries.
-        s_t = plgpu.dot(k, q, trans_b=True) * scale
+        s_t = triton_dot(k, q, trans_b=True) * scale
         mask = _mask(kv_seg, seg_ref[rows], kv_pos, i * bq + jnp.arange(bq), False)
         if causal:
             mask &= kv_pos[:, None] <= (i * bq + jnp.arange(bq))[None, :]
         lse, di = lse_ref[gi, rows], di_ref[gi, rows]
         p_t = jnp.where(mask, jnp.exp(jnp.where(mask, s_t, 0.0) - lse[None, :]), 0.0)
-        dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
-        dp_t = plgpu.dot(v, do, trans_b=True)
+        dv = dv + triton_dot(p_t.astype(do.dtype), do)
+        dp_t = triton_dot(v, do, trans_b=True)
         ds_t = p_t * (dp_t - di[None, :])
-        return dk + plgpu.dot(ds_t.astype(q.dtype), q), dv
+        return dk + triton_dot(ds_t.astype(q.dtype), q), dv
 
     def member(gi, carry):
         return jax.lax.fori_loop(first, last + 1, functools.partial(q_block, gi=gi), carry)
