@@ -52,7 +52,7 @@ def _run(name, fn, args, flops, iters):
     try:
         seconds = _median_seconds(fn, *args, iters=iters)
         row.update(ms=round(seconds * 1e3, 3), tflops=round(flops / seconds / 1e12, 1))
-    except Exception as err:  # a setting Triton cannot compile is a result, not a stop
+    except Exception as err:  # noqa: BLE001 (a setting Triton cannot compile is a result)
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     return row
 
@@ -76,8 +76,11 @@ def main() -> None:
         for warps, stages in launches:
             _with_launch(warps, stages)
             blocks = (fq, fk, 64, 64)
-            fn = jax.jit(lambda q, k, v, blocks=blocks: flash_gpu.flash_attention(
-                q, k, v, seg, blocks=blocks, interpret=interpret))
+            fn = jax.jit(
+                lambda q, k, v, blocks=blocks: flash_gpu.flash_attention(
+                    q, k, v, seg, blocks=blocks, interpret=interpret
+                )
+            )
             row = _run("forward", fn, (q, k, v), 2 * causal_matmul, args.iters)
             row.update(blocks=blocks, warps=warps, stages=stages)
             print(json.dumps(row), flush=True)

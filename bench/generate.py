@@ -158,8 +158,11 @@ def decode_traffic(cfg, params, rows: int, prompt_len: int, new_tokens: int) -> 
     head = params["embedding"] if cfg.tie_embeddings else params["lm_head"]
     weights = [head, params["final_norm"]["scale"], *jax.tree.leaves(params["layers"])]
     weight_bytes = sum(w.size * w.dtype.itemsize for w in weights)
-    kernels = [w for path, w in jax.tree_util.tree_leaves_with_path(params["layers"])
-               if "kernel" in jax.tree_util.keystr(path)]
+    kernels = [
+        w
+        for path, w in jax.tree_util.tree_leaves_with_path(params["layers"])
+        if "kernel" in jax.tree_util.keystr(path)
+    ]
     matmul_weights = head.size + sum(w.size for w in kernels)
     entry = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize  # k and v
     attention_flops = layers * 2 * 2 * rows * cfg.num_heads * cfg.head_dim * slots_read
@@ -215,14 +218,14 @@ def ragged(cfg, params, prompts, new_tokens: int, repeats: int) -> dict:
     kw = {"temperature": 1.0, "stop_token_ids": list(range(0, cfg.vocab_size, 128))}
     lengths = [len(c.tokens) for c in generate(cfg, params, prompts, new_tokens, **kw)]
     seconds = {}
+
     def full_batch(*_):
         return 0
 
     for name, compact_at in (("compacting", sampler._compact_at), ("full_batch", full_batch)):
         sampler._compact_at, kept = compact_at, sampler._compact_at
         try:
-            seconds[name] = timed(lambda: generate(cfg, params, prompts, new_tokens, **kw),
-                                  repeats)
+            seconds[name] = timed(lambda: generate(cfg, params, prompts, new_tokens, **kw), repeats)
         finally:
             sampler._compact_at = kept
     return {
@@ -245,8 +248,9 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     on_gpu = jax.default_backend() == "gpu"
-    common.emit(**common.machine(), platform=jax.default_backend(),
-                device=jax.devices()[0].device_kind)
+    common.emit(
+        **common.machine(), platform=jax.default_backend(), device=jax.devices()[0].device_kind
+    )
 
     import torch
     import transformers
@@ -295,8 +299,16 @@ def main() -> None:
     last = batches[-1]
     tokens = last * args.new_tokens
     if not on_gpu:
-        common.emit(**decode_floor(cfg, params, last, args.new_tokens, tokens /
-                                   results[("ours", last)], tokens / results[("peer", last)]))
+        common.emit(
+            **decode_floor(
+                cfg,
+                params,
+                last,
+                args.new_tokens,
+                tokens / results[("ours", last)],
+                tokens / results[("peer", last)],
+            )
+        )
         prompts = rng.integers(0, cfg.vocab_size, (last, PROMPT_LEN)).tolist()
         common.emit(**ragged(cfg, params, prompts, args.new_tokens, args.repeats))
     common.emit(
