@@ -44,7 +44,9 @@ def _with_launch(warps: int, stages: int):
     """Swaps the kernels' Triton launch settings (every kernel of one call)."""
     from jax.experimental.pallas import triton as plgpu
 
-    flash_gpu._params = lambda launch: plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+    flash_gpu._params = lambda launch, dtype: plgpu.CompilerParams(
+        num_warps=warps, num_stages=stages
+    )
 
 
 def _run(name, fn, args, flops, iters):

@@ -34,6 +34,8 @@ from qmath_jax.model.kernels import (
 # Tiles and Triton launch settings measured on an H200 (bench/attention_sweep.py, T=8192,
 # E=128, bfloat16): 4 warps beat 8 in every kernel (forward+backward 146 -> 232 TFLOP/s),
 # and the forward takes (64, 64) tiles with a 3-stage pipeline (189 -> 200 TFLOP/s).
+# float32 tiles keep 2 stages: 3 stages of 64 x 128 float32 k and v tiles plus the q tile
+# would fill all of a Hopper SM's 227 KB of shared memory.
 DEFAULT_BLOCKS = (64, 64, 64, 64)  # forward q, forward kv, backward q, backward kv
 FORWARD_LAUNCH = {"num_warps": 4, "num_stages": 3}
 BACKWARD_LAUNCH = {"num_warps": 4, "num_stages": 2}
@@ -120,7 +122,9 @@ def _mask(q_seg, kv_seg, q_pos, kv_pos, causal):
     return mask
 
 
-def _params(launch: dict):
+def _params(launch: dict, dtype) -> plgpu.CompilerParams:
+    if jnp.dtype(dtype).itemsize > 2:
+        launch = {**launch, "num_stages": min(launch["num_stages"], 2)}
     return plgpu.CompilerParams(**launch)
 
 
@@ -156,7 +160,7 @@ def _forward(q, k, v, seg, causal, blocks, scale, interpret):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
         ],
-        compiler_params=_params(FORWARD_LAUNCH),
+        compiler_params=_params(FORWARD_LAUNCH, q.dtype),
         interpret=interpret,
         name="flash_fwd_triton",
     )(q, k, v, seg, r["kv_first"], r["kv_last"])
@@ -224,7 +228,7 @@ def _backward_dq(q, k, v, seg, lse, do, di, causal, blocks, scale, interpret):
         ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(BACKWARD_LAUNCH),
+        compiler_params=_params(BACKWARD_LAUNCH, q.dtype),
         interpret=interpret,
         name="flash_bwd_dq_triton",
     )(q, k, v, seg, lse, do, di, r["kv_first"], r["kv_last"])
@@ -298,7 +302,7 @@ def _backward_dkv(q, k, v, seg, lse, do, di, causal, blocks, scale, interpret):
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
         ],
-        compiler_params=_params(BACKWARD_LAUNCH),
+        compiler_params=_params(BACKWARD_LAUNCH, q.dtype),
         interpret=interpret,
         name="flash_bwd_dkv_triton",
     )(q, k, v, seg, lse, do, di, r["q_first"], r["q_last"])
