@@ -7,14 +7,15 @@ The bench preset in float32 by default, random 32-token prompts, greedy, exactly
 `new_tokens` new tokens per row on both sides (no stop tokens for us; min_new_tokens for
 HF). Both run on the same device in the same process: the CPU, or with JAX on a GPU the
 peer on that GPU too (weights in the model's dtype on both sides, HF's sdpa attention;
-the CPU-only lines, `decode_floor` and `ragged_stops`, are left out there). Prints JSON lines: the KV cache memory per token
-(theoretical 2 * L * K * E * bytes against what the compiled program holds, for one
-call over the whole batch); one line per side and batch (ours with the number of
-concurrent decode calls `generate` chose; the peer at 1 and 2 torch threads, its best
-counted); at the largest batch, our decode step against what the machine's memory rate
-and matmul peak allow (`decode_floor`); one line on rows that stop at different steps
-(`ragged`: ours as it is against ours held at the full batch, useful tokens/s); and last
-{"ours", "peer", "ratio"} at the largest batch.
+the CPU-only lines, `decode_floor` and `ragged_stops`, are left out there).
+Prints JSON lines: the KV cache memory per token (theoretical 2 * L * K * E * bytes
+against what the compiled program holds, for one call over the whole batch); one line per
+side and batch (ours with the number of concurrent decode calls `generate` chose; the
+peer at 1 and 2 torch threads on the CPU, its best counted); at the largest batch, our
+decode step against what the machine's memory rate and matmul peak allow
+(`decode_floor`); one line on rows that stop at different steps (`ragged`: ours as it is
+against ours held at the full batch, useful tokens/s); and last {"ours", "peer", "ratio"}
+at the largest batch.
 """
 
 from __future__ import annotations
