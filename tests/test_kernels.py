@@ -299,3 +299,34 @@ def test_gpu_kernels_lower_to_triton():
         .lower(lowering_platforms=("cuda",))
     )
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+_NO_TRITON_SCRIPT = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # as if JAX had dropped the backend
+import jax, jax.numpy as jnp, numpy as np
+from qmath_jax.model import attention
+keys = jax.random.split(jax.random.key(0), 3)
+q = jax.random.normal(keys[0], (2, 4, 64))
+k = jax.random.normal(keys[1], (2, 256, 2, 64))
+v = jax.random.normal(keys[2], (2, 256, 2, 64))
+lengths = jnp.array([3, 200])
+got = attention.decode_attend(q, k, v, lengths, impl="pallas")  # the TPU kernel, interpreted
+want = attention.decode_attention_xla(q, k, v, lengths)
+print("RESULT", float(np.max(np.abs(np.asarray(got) - np.asarray(want)))))
+"""
+
+
+def test_tpu_decode_kernel_needs_no_triton_backend():
+    # JAX 0.11 deprecates Pallas' Triton backend; only the GPU kernels may import it.
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TRITON_SCRIPT],
+        check=False,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    assert float(lines[0].split()[1]) < 1e-5

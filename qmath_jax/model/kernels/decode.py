@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 
 from qmath_jax.model.kernels import NEG_INF, pad_axis, triton_dot
 
@@ -183,6 +182,10 @@ def decode_attention_gpu(
     Returns:
       [B, H, E] in q's dtype.
     """
+    # Imported here: JAX 0.11 deprecates Pallas' Triton backend, and the TPU kernel
+    # above must not depend on it.
+    from jax.experimental.pallas import triton as plgpu
+
     _check(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B)
     b, h, e = q_BHE.shape
     s, kh = k_cache_BSKE.shape[1], k_cache_BSKE.shape[2]
