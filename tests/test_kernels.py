@@ -171,6 +171,8 @@ def test_resolve_impl_by_mesh_platform():
     assert attention.resolve_impl("auto", "tpu") == "pallas"
     assert attention.resolve_impl("auto", "gpu") == "pallas"
     assert attention.resolve_impl("auto", "cpu") == "xla"
+    assert attention.decode_impl("cudnn", "gpu") == "pallas"  # the Triton decode kernel
+    assert attention.decode_impl("auto", "cpu") == "xla"
     with pytest.raises(ValueError, match="unknown"):
         attention.resolve_impl("flash", "tpu")
     with pytest.raises(ValueError, match="GPU"):
@@ -313,12 +315,22 @@ v = jax.random.normal(keys[2], (2, 256, 2, 64))
 lengths = jnp.array([3, 200])
 got = attention.decode_attend(q, k, v, lengths, impl="pallas")  # the TPU kernel, interpreted
 want = attention.decode_attention_xla(q, k, v, lengths)
+# GPUs fall back to cuDNN for training and XLA for decoding; 'pallas' there is refused.
+assert attention.resolve_impl("auto", "gpu") == "cudnn"
+assert attention.decode_impl("auto", "gpu") == "xla"
+assert attention.decode_impl("auto", "tpu") == "pallas"
+try:
+    attention.resolve_impl("pallas", "gpu")
+    raise AssertionError("pallas on a GPU without Triton must be refused")
+except ValueError as e:
+    assert "no Pallas Triton backend" in str(e) and "'cudnn'" in str(e), e
 print("RESULT", float(np.max(np.abs(np.asarray(got) - np.asarray(want)))))
 """
 
 
-def test_tpu_decode_kernel_needs_no_triton_backend():
-    # JAX 0.11 deprecates Pallas' Triton backend; only the GPU kernels may import it.
+def test_kernels_without_the_triton_backend():
+    # JAX 0.11 deprecates Pallas' Triton backend: only the GPU kernels may import it, and
+    # without it GPUs get cuDNN and XLA decoding.
     proc = subprocess.run(
         [sys.executable, "-c", _NO_TRITON_SCRIPT],
         check=False,

@@ -260,11 +260,25 @@ def target_platform(mesh: jax.sharding.Mesh | None) -> str:
 
 
 def resolve_impl(impl: str, platform: str) -> str:
-    """Maps 'auto' to the platform's kernel and rejects impls the platform lacks."""
+    """Maps 'auto' to the platform's kernel and rejects impls the platform lacks.
+
+    On GPUs 'auto' is our Triton kernel, or cuDNN where this JAX has no Pallas Triton
+    backend (deprecated in JAX 0.11; `kernels.triton_backend`).
+    """
+    from qmath_jax.model.kernels import triton_backend
+
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; choose one of {IMPLS}")
     if impl == "auto":
+        if platform == "gpu" and not triton_backend():
+            return "cudnn"
         return {"tpu": "pallas", "gpu": "pallas"}.get(platform, "xla")
+    if impl == "pallas" and platform == "gpu" and not triton_backend():
+        raise ValueError(
+            f"attention_impl='pallas' on GPUs runs Triton kernels, and JAX {jax.__version__} "
+            "has no Pallas Triton backend (jax.experimental.pallas.triton); use "
+            "attention_impl='auto' or 'cudnn', or a JAX that still ships it"
+        )
     if impl == "splash" and platform not in ("tpu", "cpu"):
         raise ValueError(f"impl='splash' is a TPU kernel; the mesh platform is {platform!r}")
     if impl == "cudnn" and platform != "gpu":
@@ -331,7 +345,7 @@ def decode_attend(
       v_cache_BSKE: [B, S, K, E] value cache.
       lengths_B: [B] int, valid slots per row.
       impl: as in `attend`; 'pallas' (and 'auto' on TPU/GPU) runs the decode kernel,
-        'splash' and 'cudnn' have no decode variant and use 'pallas'.
+        'splash' and 'cudnn' have no decode variant and use it too (`decode_impl`).
       mesh: as in `attend`.
       interpret: as in `attend`.
 
@@ -341,7 +355,7 @@ def decode_attend(
     from qmath_jax.model.kernels import decode
 
     platform = target_platform(mesh)
-    impl = resolve_impl(impl, platform)
+    impl = decode_impl(impl, platform)
     if interpret is None:
         interpret = platform == "cpu"
     if impl == "xla":
@@ -353,6 +367,20 @@ def decode_attend(
     return _sharded(
         fn, mesh, q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, kv_axis=2, q_head_axis=1
     )
+
+
+def decode_impl(impl: str, platform: str) -> str:
+    """What `decode_attend` runs for `impl` on `platform`: 'xla' or 'pallas' (the decode
+    kernel, which also serves 'splash' and 'cudnn'; on GPUs only with Pallas' Triton
+    backend, else 'xla')."""
+    impl = resolve_impl(impl, platform)
+    if impl == "xla":
+        return "xla"
+    if platform == "gpu" and impl == "cudnn":
+        from qmath_jax.model.kernels import triton_backend
+
+        return "pallas" if triton_backend() else "xla"
+    return "pallas"
 
 
 def _attention_fn(impl: str, platform: str, interpret: bool, causal: bool):

@@ -1054,7 +1054,7 @@ def _uses_blocks(cfg, mesh) -> bool:
     """Whether decoding reads a `block_cache` (the XLA path) rather than a kernel's layout."""
     from qmath_jax.model import attention
 
-    return attention.resolve_impl(cfg.attention_impl, attention.target_platform(mesh)) == "xla"
+    return attention.decode_impl(cfg.attention_impl, attention.target_platform(mesh)) == "xla"
 
 
 MIN_COMPACT_ROWS = 8  # fewest unfinished rows worth moving to a smaller decode program

@@ -2,7 +2,8 @@
 
 Modules:
   flash_tpu: flash attention forward + backward in Pallas Mosaic (TPU).
-  flash_gpu: flash attention forward + backward in Pallas Triton (GPU).
+  flash_gpu: flash attention forward + backward in Pallas Triton (GPU; see
+             `triton_backend` for JAX versions without it).
   decode:    one-query-per-row attention against a KV cache (TPU and GPU).
 
 This package file holds only backend-free helpers (padding, which blocks of the
@@ -96,6 +97,16 @@ def _first_true(x: jax.Array, n: int) -> jax.Array:
 
 def _last_true(x: jax.Array, n: int) -> jax.Array:
     return jnp.max(jnp.where(x, jnp.arange(n), -1), axis=-1).astype(jnp.int32)
+
+
+def triton_backend() -> bool:
+    """Whether this JAX still ships Pallas' Triton backend (deprecated in JAX 0.11), which
+    the GPU kernels are written in."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def triton_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
