@@ -316,7 +316,8 @@ lengths = jnp.array([3, 200])
 got = attention.decode_attend(q, k, v, lengths, impl="pallas")  # the TPU kernel, interpreted
 want = attention.decode_attention_xla(q, k, v, lengths)
 # GPUs fall back to cuDNN for training and XLA for decoding; 'pallas' there is refused.
-assert attention.resolve_impl("auto", "gpu") == "cudnn"
+assert attention.resolve_impl("auto", "gpu", jnp.bfloat16) == "cudnn"
+assert attention.resolve_impl("auto", "gpu", jnp.float32) == "xla"  # cuDNN takes no float32
 assert attention.decode_impl("auto", "gpu") == "xla"
 assert attention.decode_impl("auto", "tpu") == "pallas"
 try:

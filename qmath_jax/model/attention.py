@@ -259,11 +259,12 @@ def target_platform(mesh: jax.sharding.Mesh | None) -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
-def resolve_impl(impl: str, platform: str) -> str:
+def resolve_impl(impl: str, platform: str, dtype=None) -> str:
     """Maps 'auto' to the platform's kernel and rejects impls the platform lacks.
 
-    On GPUs 'auto' is our Triton kernel, or cuDNN where this JAX has no Pallas Triton
-    backend (deprecated in JAX 0.11; `kernels.triton_backend`).
+    On GPUs 'auto' is our Triton kernel. Where this JAX has no Pallas Triton backend
+    (deprecated in JAX 0.11; `kernels.triton_backend`) it is cuDNN for 16-bit inputs
+    (`dtype`; cuDNN takes no float32) and the XLA reference otherwise.
     """
     from qmath_jax.model.kernels import triton_backend
 
@@ -271,7 +272,8 @@ def resolve_impl(impl: str, platform: str) -> str:
         raise ValueError(f"attention impl {impl!r} is unknown; choose one of {IMPLS}")
     if impl == "auto":
         if platform == "gpu" and not triton_backend():
-            return "cudnn"
+            half = dtype is not None and jnp.dtype(dtype).itemsize == 2
+            return "cudnn" if half else "xla"
         return {"tpu": "pallas", "gpu": "pallas"}.get(platform, "xla")
     if impl == "pallas" and platform == "gpu" and not triton_backend():
         raise ValueError(
@@ -318,7 +320,7 @@ def attend(
       [B, T, H, E] in q's dtype.
     """
     platform = target_platform(mesh)
-    impl = resolve_impl(impl, platform)
+    impl = resolve_impl(impl, platform, q_BTHE.dtype)
     if interpret is None:
         interpret = platform == "cpu"
     fn = _attention_fn(impl, platform, interpret, causal)
