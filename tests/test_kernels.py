@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_result import script_result
 
 from qmath_jax.model import attention
 from qmath_jax.model.kernels import decode, flash_gpu, flash_tpu, live_block_ranges
@@ -254,20 +252,14 @@ _AOT_SCRIPT = textwrap.dedent(
 def test_tpu_kernels_compile_for_tpu_topology():
     # A subprocess: libtpu then holds its process lock only while compiling, and
     # ALLOW_MULTIPLE_LIBTPU_LOAD lets it run while another process holds the lock.
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1"
+    payload = script_result(
+        _AOT_SCRIPT,
+        300,
+        JAX_PLATFORMS="cpu",
+        TPU_SKIP_MDS_QUERY="1",
+        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    counts = json.loads(lines[0][len("RESULT") :])
+    counts = json.loads(payload)
     assert counts["auto"] >= 3, counts  # our forward, dq and dk/dv Mosaic kernels
     assert counts["splash"] >= 3, counts
     assert counts["decode"] >= 1, counts
@@ -332,14 +324,4 @@ print("RESULT", float(np.max(np.abs(np.asarray(got) - np.asarray(want)))))
 def test_kernels_without_the_triton_backend():
     # JAX 0.11 deprecates Pallas' Triton backend: only the GPU kernels may import it, and
     # without it GPUs get cuDNN and XLA decoding.
-    proc = subprocess.run(
-        [sys.executable, "-c", _NO_TRITON_SCRIPT],
-        check=False,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    assert float(lines[0].split()[1]) < 1e-5
+    assert float(script_result(_NO_TRITON_SCRIPT, 300, JAX_PLATFORMS="cpu")) < 1e-5

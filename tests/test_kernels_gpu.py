@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_result import script_result
 
 from qmath_jax.model import attention, get_preset, init_params
 from qmath_jax.model.kernels import decode, flash_gpu
@@ -170,21 +171,8 @@ print("RESULT", float(np.max(np.abs(auto - xla)) / np.max(np.abs(xla))), sum(sam
 
 
 def test_gpu_without_the_triton_backend_falls_back_to_cudnn_and_xla():
-    import os
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _NO_TRITON_SCRIPT],
-        check=False,
-        env=dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.3"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    err, same_rows = float(lines[0].split()[1]), int(lines[0].split()[2])
+    payload = script_result(_NO_TRITON_SCRIPT, 600, XLA_PYTHON_CLIENT_MEM_FRACTION="0.3")
+    err, same_rows = float(payload.split()[0]), int(payload.split()[1])
     print(
         f"no Triton: cuDNN logits against XLA {err:.2e} (bfloat16); greedy rows equal {same_rows}/4"
     )
